@@ -1,0 +1,169 @@
+"""The `alambic` command: one verb per stage, each verb's flags generated from its stage's Config.
+
+Only this module prints. A verb = a stage's `Config` class + the function that runs it (litgpt style):
+`command(app, "serve", ServeConfig, serve_main)`; field descriptions become `--help`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import sys
+import typing
+from collections.abc import Callable
+from pathlib import Path
+
+import typer
+from pydantic.fields import FieldInfo
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .config import Config, ConfigError
+
+console = Console(stderr=True)
+out = Console()
+
+app = typer.Typer(
+    name="alambic",
+    help="LLM knowledge distillation from both sides of the API: distil a teacher, guard against being distilled.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+teacher_app = typer.Typer(help="Make the demo teacher model.", no_args_is_help=True)
+app.add_typer(teacher_app, name="teacher")
+
+
+def _option_type(annotation):
+    """The type typer should parse for a config field (Optional[...] since unset flags mean 'not given')."""
+    origin = typing.get_origin(annotation)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(args) == 1:
+        return _option_type(args[0])
+    if origin is list:
+        return list[args[0]] if args else list[str]
+    if origin is typing.Literal:
+        return str
+    if annotation in (int, float, str, bool, Path):
+        return annotation
+    return str
+
+
+def command(parent: typer.Typer, name: str, cfg_cls: type[Config], main: Callable[[Config], None], help: str = ""):
+    """Register `name` on `parent`: flags from `cfg_cls` fields, plus `--config FILE.toml`, then call `main(cfg)`."""
+    params = []
+    for field_name, info in cfg_cls.model_fields.items():
+        info: FieldInfo
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        typ = _option_type(info.annotation)
+        default_txt = "" if info.is_required() else f" [default: {info.get_default(call_default_factory=True)}]"
+        desc = (info.description or "") + default_txt
+        if extra.get("positional"):
+            default = typer.Argument(None, help=desc, show_default=False, metavar=field_name.upper())
+        else:
+            flag = "--" + field_name.replace("_", "-")
+            decls = [f"{flag}/--no-{field_name.replace('_', '-')}"] if typ is bool else [flag]
+            default = typer.Option(None, *decls, help=desc, show_default=False)
+        params.append(
+            inspect.Parameter(field_name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=typ | None)
+        )
+    params.append(
+        inspect.Parameter(
+            "config",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=typer.Option(None, "--config", help="TOML file of settings (flags override it)."),
+            annotation=Path | None,
+        )
+    )
+    params.append(
+        inspect.Parameter(
+            "verbose",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=typer.Option(False, "--verbose", "-v", help="Log progress details."),
+            annotation=bool,
+        )
+    )
+
+    def handler(**kwargs):
+        file = kwargs.pop("config")
+        verbose = kwargs.pop("verbose")
+        logging.basicConfig(
+            level=logging.INFO if verbose else logging.WARNING,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
+        try:
+            cfg = cfg_cls.resolve(file, section=name, **kwargs)
+            main(cfg)
+        except (ConfigError, FileNotFoundError, ValueError) as e:
+            console.print(f"[bold red]error:[/] {e}")
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    handler.__signature__ = inspect.Signature(params)
+    handler.__name__ = name.replace("-", "_")
+    handler.__doc__ = help or (cfg_cls.__doc__ or "").strip()
+    parent.command(name, help=handler.__doc__)(handler)
+
+
+def print_accuracy(title: str, acc: dict[str, float]) -> None:
+    table = Table(title=title)
+    table.add_column("skill")
+    table.add_column("held-out accuracy", justify="right")
+    for k, v in acc.items():
+        table.add_row(k, f"{100 * v:.1f}%", style="bold" if k == "mean" else None)
+    out.print(table)
+
+
+# --- verbs -------------------------------------------------------------------------------------------------------
+
+
+def _teacher_train(cfg):
+    from .teacher import run
+
+    with console.status("training the demo teacher") as status:
+        manifest = run(cfg, progress=lambda p: status.update(f"step {p['step']} loss {p['loss']:.3f}"))
+    print_accuracy(f"demo teacher ({manifest['parameters']:,} parameters)", manifest["heldout_accuracy"])
+    out.print(f"saved to {cfg.out} in {manifest['train_seconds']:.0f}s")
+
+
+def _serve(cfg):
+    from .serve import run
+
+    run(cfg, on_ready=lambda url: console.print(f"serving {cfg.model} at {url}/v1 (Ctrl-C to stop)"))
+
+
+def _demo(cfg):
+    from .demo import run
+
+    result = run(cfg, log=lambda msg: console.print(msg))
+    print_accuracy(f"demo teacher answering over HTTP ({result['teacher_url']})", result["teacher_accuracy"])
+
+
+def _register() -> None:
+    from .demo import DemoConfig
+    from .serve import ServeConfig
+    from .teacher import TeacherConfig
+
+    command(teacher_app, "train", TeacherConfig, _teacher_train, help="Train the demo teacher on the skill suite.")
+    command(app, "serve", ServeConfig, _serve,
+            help="Serve any HF causal LM (directory or .gguf) with an OpenAI- and Anthropic-compatible API.")
+    command(app, "demo", DemoConfig, _demo, help="Run the main job offline on the embedded demo teacher.")
+
+
+def version_callback(value: bool):
+    if value:
+        out.print(f"alambic {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True,
+                                      help="Print the version and exit.")):
+    """alambic: distil a teacher model into a student, and detect distillation of your own API."""
+
+
+_register()

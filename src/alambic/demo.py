@@ -1,0 +1,75 @@
+"""`alambic demo`: the main job, offline, on the embedded demo teacher.
+
+So far: serve the shipped demo teacher over real HTTP on 127.0.0.1, ask it the held-out skill prompts
+through the OpenAI-compatible API, grade its answers, and write the per-skill accuracy to the run folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+from pydantic import Field
+
+from . import __version__, tasks
+from .config import Config
+
+DEMO_TEACHER = Path(__file__).resolve().parents[2] / "models" / "demo-teacher"
+
+
+class DemoConfig(Config):
+    """Settings of the offline demo."""
+
+    teacher: str = Field(str(DEMO_TEACHER), description="teacher model directory to serve")
+    out: str = Field("runs/demo", description="run folder for the demo's outputs")
+    n_eval: int = Field(100, gt=0, description="held-out prompts per skill")
+    concurrency: int = Field(32, gt=0, description="requests in flight at once")
+    max_tokens: int = Field(160, gt=0, description="max tokens per teacher answer")
+    seed: int = Field(0, description="seed of the held-out prompts")
+
+
+async def ask_all(base_url: str, conversations: list[list[dict]], max_tokens: int, concurrency: int,
+                  api_key: str = "demo") -> list[str]:
+    """Greedy answers from an OpenAI-compatible endpoint, `concurrency` requests in flight."""
+    sem = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(base_url=base_url, timeout=120, headers={"Authorization": f"Bearer {api_key}"}) as c:
+        model = (await c.get("/v1/models")).json()["data"][0]["id"]
+
+        async def one(messages):
+            async with sem:
+                r = await c.post("/v1/chat/completions", json={"model": model, "messages": messages,
+                                                              "max_tokens": max_tokens, "temperature": 0})
+                r.raise_for_status()
+                return r.json()["choices"][0]["message"]["content"]
+
+        return await asyncio.gather(*(one(m) for m in conversations))
+
+
+def run(cfg: DemoConfig, log: Callable[[str], None] = lambda _: None) -> dict:
+    from .serve import ServeConfig, serve_in_thread
+
+    if not Path(cfg.teacher).exists():
+        raise FileNotFoundError(f"demo teacher {cfg.teacher!r} not found; re-make it with `make teacher`")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.dump(out / "config.json")
+    t0 = time.time()
+    heldout = tasks.generate(None, cfg.n_eval, "test", seed=cfg.seed)
+    log(f"serving the demo teacher from {cfg.teacher}")
+    serve_cfg = ServeConfig(model=cfg.teacher, port=0, access_log=str(out / "access.jsonl"))
+    with serve_in_thread(serve_cfg) as url:
+        log(f"asking {len(heldout)} held-out prompts over HTTP at {url}")
+        replies = asyncio.run(ask_all(url, [ex.messages for ex in heldout], cfg.max_tokens, cfg.concurrency))
+    hits: dict[str, list[bool]] = {}
+    for ex, reply in zip(heldout, replies, strict=True):
+        hits.setdefault(ex.skill, []).append(tasks.get(ex.skill).grade(reply, ex.reference))
+    acc = {k: sum(v) / len(v) for k, v in hits.items()}
+    acc["mean"] = sum(acc.values()) / len(acc)
+    result = {"alambic_version": __version__, "teacher": cfg.teacher, "teacher_url": url, "teacher_accuracy": acc,
+              "n_prompts": len(heldout), "seconds": round(time.time() - t0, 1)}
+    (out / "manifest.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result

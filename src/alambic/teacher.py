@@ -1,0 +1,177 @@
+"""`alambic teacher train`: make the demo teacher, a small transformer trained on the built-in skill suite.
+
+No model hub is reachable offline and the one pretrained chat model we can install is weak at verifiable
+skills, so the demo brings its own teacher. The loop is written out (nanoGPT style): it is short, and the
+teacher is trained on ground-truth worked solutions, not distilled, so none of `alambic train` applies.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import transformers
+from pydantic import Field
+
+from . import __version__, tasks
+from .config import Config
+from .modeling import PRESETS, build_model, char_tokenizer, chat_generate, n_params
+
+log = logging.getLogger(__name__)
+
+
+class TeacherConfig(Config):
+    """How the demo teacher is made. Defaults reproduce the shipped checkpoint in models/demo-teacher."""
+
+    out: str = Field("models/demo-teacher", description="output directory (an HF model directory)")
+    preset: str = Field("teacher", description=f"model shape, one of: {', '.join(PRESETS)}")
+    skills: list[str] = Field(default_factory=lambda: list(tasks.SKILLS), description="skills to train on")
+    n_train: int = Field(20000, gt=0, description="training examples per skill")
+    n_eval: int = Field(200, gt=0, description="held-out examples per skill for the final evaluation")
+    steps: int = Field(1800, gt=0, description="optimiser steps")
+    batch_size: int = Field(64, gt=0, description="sequences per step")
+    lr: float = Field(2e-3, gt=0, description="peak learning rate (cosine decay to 10%)")
+    warmup: int = Field(200, ge=0, description="linear warm-up steps")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay on matrices")
+    eval_every: int = Field(300, ge=0, description="steps between quick held-out checks (0: only at the end)")
+    seed: int = Field(0, description="seed for data and initialisation")
+    threads: int = Field(0, ge=0, description="torch CPU threads (0: torch's default)")
+
+
+def encode(tokenizer, messages: list[dict[str, str]], reply: str) -> tuple[list[int], list[int]]:
+    """Token ids of a chat plus reply, and labels with every prompt token masked (-100)."""
+    prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    full = messages + [{"role": "assistant", "content": reply}]
+    ids = tokenizer.apply_chat_template(full, return_dict=False)
+    if ids[: len(prompt_ids)] != prompt_ids:
+        raise ValueError("the chat template does not extend the prompt when a reply is added; cannot mask prompts")
+    return ids, [-100] * len(prompt_ids) + ids[len(prompt_ids) :]
+
+
+def batches(data: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int, rng: random.Random):
+    """Endless stream of padded (input_ids, labels, attention_mask) batches, length-bucketed to cut padding."""
+    while True:
+        order = list(range(len(data)))
+        rng.shuffle(order)
+        chunk = batch_size * 50
+        for c in range(0, len(order), chunk):
+            part = sorted(order[c : c + chunk], key=lambda i: len(data[i][0]))
+            groups = [part[g : g + batch_size] for g in range(0, len(part), batch_size)]
+            rng.shuffle(groups)
+            for g in groups:
+                width = max(len(data[i][0]) for i in g)
+                ids = torch.full((len(g), width), pad_id)
+                labels = torch.full((len(g), width), -100)
+                mask = torch.zeros((len(g), width), dtype=torch.long)
+                for r, i in enumerate(g):
+                    x, y = data[i]
+                    ids[r, : len(x)] = torch.tensor(x)
+                    labels[r, : len(y)] = torch.tensor(y)
+                    mask[r, : len(x)] = 1
+                yield ids, labels, mask  # (B, T) each
+
+
+def skill_accuracy(model, tokenizer, examples: list[tasks.Example], max_new_tokens: int = 160) -> dict[str, float]:
+    """Held-out accuracy per skill under greedy decoding, plus the macro average under 'mean'."""
+    replies = chat_generate(model, tokenizer, [ex.messages for ex in examples], max_new_tokens=max_new_tokens)
+    hits: dict[str, list[bool]] = {}
+    for ex, reply in zip(examples, replies, strict=True):
+        hits.setdefault(ex.skill, []).append(tasks.get(ex.skill).grade(reply, ex.reference))
+    acc = {k: sum(v) / len(v) for k, v in hits.items()}
+    acc["mean"] = sum(acc.values()) / len(acc)
+    return acc
+
+
+def run(cfg: TeacherConfig, progress: Callable[[dict], None] | None = None) -> dict:
+    """Train the teacher, evaluate it on held-out prompts, save it with its config and manifest."""
+    if cfg.preset not in PRESETS:
+        raise ValueError(f"unknown preset {cfg.preset!r}; choose one of {sorted(PRESETS)}")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t0 = time.time()
+    rng = random.Random(cfg.seed)
+    tokenizer = char_tokenizer()
+    model = build_model(cfg.preset, tokenizer, seed=cfg.seed)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+
+    train = tasks.generate(cfg.skills, cfg.n_train, "train", seed=cfg.seed)
+    data = [encode(tokenizer, ex.messages, ex.solution) for ex in train]
+    heldout = tasks.generate(cfg.skills, cfg.n_eval, "test", seed=cfg.seed)
+    quick = [ex for i, ex in enumerate(heldout) if i % cfg.n_eval < 20]  # 20 per skill for progress checks
+
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
+    )
+
+    def lr_at(step: int) -> float:
+        if step < cfg.warmup:
+            return cfg.lr * (step + 1) / cfg.warmup
+        t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+    curve: list[dict] = []
+    stream = batches(data, cfg.batch_size, tokenizer.pad_token_id, rng)
+    tokens = 0
+    model.train()
+    for step in range(cfg.steps):
+        ids, labels, mask = next(stream)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        tokens += int(mask.sum())
+        if step % 50 == 0 or step == cfg.steps - 1:
+            point = {"step": step, "loss": round(loss.item(), 4), "lr": lr_at(step), "tokens": tokens,
+                     "elapsed_s": round(time.time() - t0, 1)}
+            if cfg.eval_every and step and step % cfg.eval_every == 0:
+                model.eval()
+                point["heldout_acc"] = skill_accuracy(model, tokenizer, quick)
+                model.train()
+            curve.append(point)
+            log.info("step %d %s", step, point)
+            if progress:
+                progress(point)
+
+    model.eval()
+    acc = skill_accuracy(model, tokenizer, heldout)
+    elapsed = time.time() - t0
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    cfg.dump(out / "alambic_config.json")
+    manifest = {
+        "kind": "alambic.teacher",
+        "alambic_version": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "machine": f"{platform.machine()} x{torch.get_num_threads()} threads",
+        "parameters": n_params(model),
+        "train_examples": len(train),
+        "train_tokens_seen": tokens,
+        "heldout_examples": len(heldout),
+        "heldout_accuracy": acc,
+        "train_seconds": round(elapsed, 1),
+        "command": "alambic teacher train " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in cfg.model_dump(exclude_defaults=True).items()
+        ),
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    (out / "curve.jsonl").write_text("".join(json.dumps(p) + "\n" for p in curve))
+    return manifest
