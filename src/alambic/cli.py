@@ -96,7 +96,7 @@ def command(parent: typer.Typer, name: str, cfg_cls: type[Config], main: Callabl
         try:
             cfg = cfg_cls.resolve(file, section=name, **kwargs)
             main(cfg)
-        except (ConfigError, FileNotFoundError, ValueError) as e:
+        except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
             console.print(f"[bold red]error:[/] {e}")
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
@@ -136,6 +136,37 @@ def _serve(cfg):
     run(cfg, on_ready=lambda url: console.print(f"serving {cfg.model} at {url}/v1 (Ctrl-C to stop)"))
 
 
+def _collect(cfg):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .collect import run
+
+    columns = [TextColumn("collect"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+               TextColumn("{task.fields[info]}")]
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task("collect", total=None, info="")
+
+        def progress(v):
+            info = (f"{v['requests_per_s']:.1f} req/s  {v['tokens_per_s']:.0f} tok/s  cached {v['cached']}  "
+                    f"errors {v['errors']}  retries {v['retries']}  ${v['spent_usd']:.4f}")
+            bar.update(task, total=v["total"], completed=v["done"], info=info)
+
+        m = run(cfg, progress=progress)
+    table = Table(title=f"collected from {m['teacher']['model']} at {m['teacher']['base_url']}")
+    for k in ("prompts", "records", "from_cache", "requests_sent", "retries", "errors", "prompt_tokens",
+              "completion_tokens", "spent_usd", "capability", "elapsed_s"):
+        table.add_row(k, str(m[k]))
+    out.print(table)
+    if m["retired_keys"]:
+        console.print(f"[yellow]retired keys (401/403):[/] {', '.join(m['retired_keys'])}")
+    if m["budget_stop"]:
+        console.print(f"[yellow]budget reached:[/] stopped after {m['records']} records, "
+                      f"{m['not_collected_budget']} prompts not collected; raise the cap and re-run to continue")
+    if m["errors"]:
+        console.print(f"[yellow]{m['errors']} prompts failed;[/] see errors.jsonl beside the output")
+    out.print(f"interactions: {m['output']}")
+
+
 def _demo(cfg):
     from .demo import run
 
@@ -144,6 +175,7 @@ def _demo(cfg):
 
 
 def _register() -> None:
+    from .collect import CollectConfig
     from .demo import DemoConfig
     from .serve import ServeConfig
     from .teacher import TeacherConfig
@@ -151,6 +183,8 @@ def _register() -> None:
     command(teacher_app, "train", TeacherConfig, _teacher_train, help="Train the demo teacher on the skill suite.")
     command(app, "serve", ServeConfig, _serve,
             help="Serve any HF causal LM (directory or .gguf) with an OpenAI- and Anthropic-compatible API.")
+    command(app, "collect", CollectConfig, _collect,
+            help="Ask a teacher many prompts: concurrent, rate-limited, cached, resumable, budgeted.")
     command(app, "demo", DemoConfig, _demo, help="Run the main job offline on the embedded demo teacher.")
 
 
@@ -167,3 +201,7 @@ def main(version: bool = typer.Option(False, "--version", callback=version_callb
 
 
 _register()
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,552 @@
+"""`alambic collect`: ask a teacher many prompts, concurrently, within rate limits and budget, never paying twice.
+
+Reads: prompt files (JSONL / CSV / Parquet with a `prompt` or `messages` column) or built-in skills.
+Writes: interactions (JSONL or Parquet, the record of DESIGN.md), errors.jsonl, config.json and a manifest
+(the data-provenance card: teacher identity without secrets, prompt source hashes, counts, tokens, spend).
+
+The engine: one asyncio task per in-flight request (bounded by `concurrency`), a pool of API keys each with
+its own requests/min and tokens/min buckets, retries with jittered exponential backoff that honour
+`Retry-After`, keys retired on 401/403, and the budget checked *before* each request is sent. Every reply is
+committed to the store as it arrives, so a crash or Ctrl-C resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import hashlib
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from . import __version__, tasks
+from .config import Config
+from .records import utc_now
+from .store import Store, request_key
+from .teachers import ChatRequest, Reply, TeacherError, TeacherSpec, make_teacher
+
+log = logging.getLogger(__name__)
+
+
+class CollectConfig(Config):
+    """Settings of a collection run."""
+
+    # the teacher
+    backend: str = Field("openai", description="teacher backend: openai, anthropic or hf")
+    base_url: str = Field("http://127.0.0.1:8000/v1", description="teacher API base URL")
+    model: str = Field("", description="teacher model name (or directory for hf); '' = the first one listed")
+    api_key_env: str = Field("", description="env var with comma-separated API keys (default by backend)")
+    api_keys_file: str | None = Field(None, description="file with one API key per line")
+    # the prompts
+    prompts: str | None = Field(None, description="prompt file: .jsonl, .csv or .parquet with `prompt` or `messages`")
+    task: list[str] = Field(default_factory=list, description="built-in skill(s) to draw prompts from")
+    n: int = Field(100, gt=0, description="prompts per built-in skill")
+    split: str = Field("train", description="skill split to draw from: train or test")
+    prompt_seed: int = Field(0, description="seed of the built-in prompts")
+    skip_bad: bool = Field(False, description="skip malformed prompt lines (reported) instead of failing")
+    shard: str = Field("0/1", description="i/n: keep only shard i of n (deterministic by prompt content)")
+    # sampling
+    samples: int = Field(1, gt=0, description="samples per prompt (the API's `n`)")
+    temperature: float = Field(0.0, ge=0, description="sampling temperature")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
+    max_tokens: int = Field(256, gt=0, description="max completion tokens per sample")
+    top_logprobs: int = Field(0, ge=0, le=20, description="top-k logprobs per token to request (0: none)")
+    seed: int | None = Field(None, description="sampling seed sent with every request")
+    # the engine
+    concurrency: int = Field(32, gt=0, description="requests in flight at once")
+    rpm: float = Field(0, ge=0, description="requests per minute per key (0: unlimited)")
+    tpm: float = Field(0, ge=0, description="tokens per minute per key (0: unlimited)")
+    max_retries: int = Field(6, ge=0, description="retries per request on 429/5xx/timeouts/connection errors")
+    backoff_s: float = Field(0.5, gt=0, description="base of the exponential backoff, seconds")
+    backoff_max_s: float = Field(30.0, gt=0, description="cap of one backoff wait, seconds")
+    timeout_s: float = Field(120.0, gt=0, description="per-request timeout, seconds")
+    # budget
+    max_usd: float | None = Field(None, gt=0, description="stop before spending more than this (needs prices)")
+    max_total_tokens: int | None = Field(None, gt=0, description="stop before using more tokens than this")
+    price_in: float = Field(0.0, ge=0, description="USD per 1M prompt tokens")
+    price_out: float = Field(0.0, ge=0, description="USD per 1M completion tokens")
+    # outputs
+    store: str = Field("runs/cache.sqlite", description="response cache shared across runs (SQLite)")
+    out: str = Field("runs/collect/interactions.jsonl", description="output file: .jsonl or .parquet")
+
+    @field_validator("shard")
+    @classmethod
+    def _check_shard(cls, v: str) -> str:
+        parse_shard(v)
+        return v
+
+    @field_validator("split")
+    @classmethod
+    def _check_split(cls, v: str) -> str:
+        if v not in tasks.base.SPLITS:
+            raise ValueError(f"split must be one of {tasks.base.SPLITS}")
+        return v
+
+    def teacher_spec(self) -> TeacherSpec:
+        return TeacherSpec(backend=self.backend, base_url=self.base_url, model=self.model,
+                           api_key_env=self.api_key_env, api_keys_file=self.api_keys_file, timeout_s=self.timeout_s)
+
+
+# --- prompts -----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prompt:
+    messages: list[dict[str, Any]]
+    meta: dict[str, Any]
+
+
+def parse_shard(spec: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise ValueError(f"shard must look like i/n, e.g. 0/4 (got {spec!r})") from None
+    if n < 1 or not 0 <= i < n:
+        raise ValueError(f"shard {spec!r}: need 0 <= i < n")
+    return i, n
+
+
+def shard_of(messages: list[dict], n: int) -> int:
+    """The shard a prompt belongs to: a hash of its content, so every machine agrees without coordination."""
+    blob = json.dumps(messages, sort_keys=True, separators=(",", ":")).encode()
+    return int.from_bytes(hashlib.sha256(blob).digest()[:8], "big") % n
+
+
+def _row_to_prompt(row: dict[str, Any], where: str) -> Prompt:
+    if "messages" in row and row["messages"] is not None:
+        msgs = row["messages"]
+        if isinstance(msgs, str):
+            msgs = json.loads(msgs)
+        if not isinstance(msgs, list) or not msgs or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs
+        ):
+            raise ValueError(f"{where}: `messages` must be a non-empty list of {{role, content}} strings")
+        msgs = [{"role": m["role"], "content": m["content"]} for m in msgs]
+    elif isinstance(row.get("prompt"), str) and row["prompt"].strip():
+        msgs = [{"role": "user", "content": row["prompt"]}]
+    else:
+        raise ValueError(f"{where}: needs a non-empty `prompt` string or a `messages` list")
+    meta = {k: v for k, v in row.items() if k not in ("prompt", "messages") and v is not None}
+    return Prompt(msgs, meta)
+
+
+def read_prompt_file(path: str | Path, skip_bad: bool = False, bad: list[str] | None = None) -> list[Prompt]:
+    """Prompts from a .jsonl/.csv/.parquet file. Bad rows fail with their line number, or are skipped and listed."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {str(path)!r} not found")
+    bad = bad if bad is not None else []
+    rows: list[tuple[str, Any]] = []
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        with open(path) as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append((f"{path}:{lineno}", json.loads(line)))
+                    except json.JSONDecodeError as e:
+                        rows.append((f"{path}:{lineno}", ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})")))
+    elif suffix == ".csv":
+        with open(path, newline="") as f:
+            for lineno, row in enumerate(csv.DictReader(f), 2):
+                rows.append((f"{path}:{lineno}", row))
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for i, row in enumerate(pq.read_table(path).to_pylist()):
+            rows.append((f"{path}: row {i}", row))
+    else:
+        raise ValueError(f"prompt file {str(path)!r}: unknown format {suffix!r}; use .jsonl, .csv or .parquet")
+    out = []
+    for where, row in rows:
+        try:
+            if isinstance(row, Exception):
+                raise row
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: expected a JSON object")
+            p = _row_to_prompt(row, where)
+            p.meta.setdefault("source", str(path))
+            out.append(p)
+        except (ValueError, json.JSONDecodeError) as e:
+            if not skip_bad:
+                raise ValueError(f"{e}; fix the line or pass --skip-bad") from None
+            bad.append(str(e))
+    return out
+
+
+def load_prompts(cfg: CollectConfig, bad: list[str]) -> tuple[list[Prompt], list[dict]]:
+    """All prompts of the run (before sharding) and a description of each source, with its content hash."""
+    prompts: list[Prompt] = []
+    sources: list[dict] = []
+    if cfg.prompts:
+        items = read_prompt_file(cfg.prompts, cfg.skip_bad, bad)
+        digest = hashlib.sha256(Path(cfg.prompts).read_bytes()).hexdigest()
+        sources.append({"file": cfg.prompts, "sha256": digest, "prompts": len(items)})
+        prompts += items
+    for name in cfg.task:
+        exs = tasks.get(name).generate(cfg.n, cfg.split, seed=cfg.prompt_seed)
+        prompts += [Prompt(ex.messages, {"skill": ex.skill, "reference": ex.reference, "split": cfg.split,
+                                         "source": f"skill:{ex.skill}"}) for ex in exs]
+        sources.append({"skill": name, "split": cfg.split, "seed": cfg.prompt_seed, "prompts": len(exs)})
+    if not prompts:
+        raise ValueError("no prompts: give --prompts FILE or --task SKILL (built-in: " + ", ".join(tasks.SKILLS) + ")")
+    return prompts, sources
+
+
+# --- rate limits and keys ------------------------------------------------------------------------------------------
+
+
+class Bucket:
+    """Token bucket refilled continuously at `per_minute / 60` per second; capacity one minute's worth."""
+
+    def __init__(self, per_minute: float):
+        self.rate = per_minute / 60.0
+        self.capacity = per_minute
+        self.level = per_minute
+        self.t = time.monotonic()
+
+    def wait_for(self, cost: float) -> float:
+        """Seconds until `cost` is available (0 if now); does not take it."""
+        if self.rate <= 0:
+            return 0.0
+        now = time.monotonic()
+        self.level = min(self.capacity, self.level + (now - self.t) * self.rate)
+        self.t = now
+        cost = min(cost, self.capacity)
+        return 0.0 if self.level >= cost else (cost - self.level) / self.rate
+
+    def take(self, cost: float) -> None:
+        if self.rate > 0:
+            self.level -= min(cost, self.capacity)
+
+
+@dataclass
+class Key:
+    value: str | None
+    id: str
+    requests: Bucket
+    tokens: Bucket
+    cooldown_until: float = 0.0
+    retired: bool = False
+
+
+class KeyPool:
+    """API keys with per-key limits; picks the key that can send soonest, retires rejected keys."""
+
+    def __init__(self, keys: list[str | None], rpm: float, tpm: float):
+        self.keys = [Key(k, "key_" + hashlib.sha256((k or "").encode()).hexdigest()[:12] if k else "none",
+                         Bucket(rpm), Bucket(tpm)) for k in keys]
+        self.lock = asyncio.Lock()
+
+    def live(self) -> list[Key]:
+        return [k for k in self.keys if not k.retired]
+
+    async def acquire(self, tokens: float) -> Key:
+        while True:
+            async with self.lock:
+                live = self.live()
+                if not live:
+                    raise RuntimeError("every API key was rejected (401/403); check the keys and re-run to resume")
+                now = time.monotonic()
+                waits = [(max(k.cooldown_until - now, k.requests.wait_for(1), k.tokens.wait_for(tokens)), i, k)
+                         for i, k in enumerate(live)]
+                wait, _, key = min(waits, key=lambda w: (w[0], w[1]))
+                if wait <= 0:
+                    key.requests.take(1)
+                    key.tokens.take(tokens)
+                    return key
+            await asyncio.sleep(min(wait, 1.0))
+
+
+# --- the run -------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Stats:
+    total: int = 0
+    done: int = 0
+    cached: int = 0
+    sent: int = 0  # HTTP requests made, retries included
+    errors: int = 0
+    retries: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    spent_usd: float = 0.0
+    skipped_budget: int = 0
+    retired_keys: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+
+    def view(self) -> dict[str, Any]:
+        el = max(1e-9, time.time() - self.started)
+        fresh = self.done - self.cached
+        rate = fresh / el
+        left = self.total - self.done - self.skipped_budget
+        return {**{k: v for k, v in self.__dict__.items() if k != "started"}, "elapsed_s": el,
+                "requests_per_s": self.sent / el, "tokens_per_s": (self.prompt_tokens + self.completion_tokens) / el,
+                "eta_s": left / rate if rate > 0 else None}
+
+
+class BudgetExceeded(Exception):
+    pass
+
+
+@dataclass
+class Outcome:
+    identity: dict
+    capability: str
+    records: list[dict]
+    errors: list[dict]
+    budget_hit: bool
+
+
+def cost_usd(cfg: CollectConfig, prompt_tokens: float, completion_tokens: float) -> float:
+    return (prompt_tokens * cfg.price_in + completion_tokens * cfg.price_out) / 1e6
+
+
+def interactions_for(key: str, prompt: Prompt, teacher: dict, request: ChatRequest, reply: dict,
+                     created_at: str, latency_s: float | None, cfg: CollectConfig) -> list[dict]:
+    """The Interaction records (DESIGN.md) of one stored reply: one per sample."""
+    r = Reply.model_validate(reply)
+    n = max(1, len(r.choices))
+    records = []
+    for i, c in enumerate(r.choices):
+        usage = {"prompt_tokens": r.prompt_tokens if i == 0 else 0, "completion_tokens": r.completion_tokens // n}
+        usage["cost_usd"] = round(cost_usd(cfg, usage["prompt_tokens"], usage["completion_tokens"]), 8)
+        meta = dict(prompt.meta)
+        if "reference" in meta and "skill" in meta and meta["skill"] in tasks.SKILLS:
+            meta["correct"] = tasks.get(meta["skill"]).grade(c.text, str(meta["reference"]))
+        rec = {
+            "id": key if len(r.choices) == 1 else f"{key}:{i}",
+            "prompt": prompt.messages,
+            "completion": c.text,
+            "teacher": {**teacher, "served_model": r.model,
+                        **request.model_dump(exclude={"messages"})},
+            "usage": usage,
+            "meta": meta,
+            "created_at": created_at,
+            "latency_s": latency_s,
+            "finish_reason": c.finish_reason,
+        }
+        if c.logprobs is not None:
+            rec["logprobs"] = c.logprobs
+        records.append(rec)
+    return records
+
+
+def write_interactions(path: Path, records: list[dict]) -> None:
+    """Write atomically (temp file + rename): a crash never leaves a half-written output."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        # Nested fields as JSON strings keep one flat, stable schema across teachers.
+        flat = [{k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in r.items()} for r in records]
+        pq.write_table(pa.Table.from_pylist(flat), tmp)
+    else:
+        with open(tmp, "w") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+async def _collect(cfg: CollectConfig, prompts: list[Prompt], store: Store, stats: Stats,
+                   progress: Callable[[dict], None] | None) -> Outcome:
+    spec = cfg.teacher_spec()
+    teacher = make_teacher(spec)
+    keys = spec.keys()
+    if cfg.backend == "anthropic" and not keys:
+        raise ValueError("no API key: set ANTHROPIC_API_KEY (or --api-key-env NAME / --api-keys-file FILE)")
+    await teacher.start(keys or [None])
+    identity = teacher.spec.identity()
+    errors: list[dict] = []
+    requests = [ChatRequest(messages=p.messages, max_tokens=cfg.max_tokens, temperature=cfg.temperature,
+                            top_p=cfg.top_p, n=cfg.samples, top_logprobs=cfg.top_logprobs, seed=cfg.seed)
+                for p in prompts]
+    dumped = [r.model_dump() for r in requests]
+    keys_of = [request_key(identity, d) for d in dumped]
+    cached = store.get_many(keys_of)
+    stats.total = len(prompts)
+    stats.cached = stats.done = sum(1 for k in keys_of if k in cached)
+    pool = KeyPool(keys or [None], cfg.rpm, cfg.tpm)
+    todo = asyncio.Queue()
+    for i, k in enumerate(keys_of):
+        if k not in cached:
+            todo.put_nowait(i)
+    reserved = {"usd": 0.0, "tokens": 0.0}
+    stop = {"budget": False}
+    last_progress = [0.0]
+
+    def report(force: bool = False):
+        if progress and (force or time.monotonic() - last_progress[0] > 0.2):
+            last_progress[0] = time.monotonic()
+            progress(stats.view())
+
+    def estimate(i: int) -> tuple[float, float]:
+        # Worst case, so the cap holds whatever the tokenizer: a token covers at least one byte (true of byte-level
+        # BPE, SentencePiece and character vocabularies), plus a few template tokens per message.
+        p_tok = sum(len(str(m.get("content", "")).encode()) + 8 for m in prompts[i].messages) + 8
+        c_tok = cfg.max_tokens * cfg.samples
+        return p_tok, c_tok
+
+    async def one(i: int) -> None:
+        p_tok, c_tok = estimate(i)
+        usd, toks = cost_usd(cfg, p_tok, c_tok), p_tok + c_tok
+        if (cfg.max_usd is not None and stats.spent_usd + reserved["usd"] + usd > cfg.max_usd) or (
+            cfg.max_total_tokens is not None
+            and stats.prompt_tokens + stats.completion_tokens + reserved["tokens"] + toks > cfg.max_total_tokens
+        ):
+            stop["budget"] = True
+            raise BudgetExceeded
+        reserved["usd"] += usd
+        reserved["tokens"] += toks
+        try:
+            attempt = 0
+            while True:
+                key = await pool.acquire(toks)
+                t0 = time.monotonic()
+                stats.sent += 1
+                try:
+                    reply = await teacher.complete(requests[i], key.value)
+                except TeacherError as e:
+                    if e.auth:
+                        if key.value is None:
+                            env = cfg.api_key_env or "OPENAI_API_KEY"
+                            raise RuntimeError(f"the teacher wants an API key ({e}); set one in the environment "
+                                               f"variable {env} or give --api-keys-file") from e
+                        if not key.retired:
+                            key.retired = True
+                            stats.retired_keys.append(key.id)
+                            log.warning("key %s rejected (%s); retired, %d left", key.id, e, len(pool.live()))
+                        continue  # another key takes the request; acquire() fails once none is left
+                    if e.retryable and attempt < cfg.max_retries:
+                        attempt += 1
+                        stats.retries += 1
+                        delay = e.retry_after if e.retry_after is not None else random.uniform(
+                            0, min(cfg.backoff_max_s, cfg.backoff_s * 2**attempt))
+                        if e.status == 429:
+                            key.cooldown_until = time.monotonic() + delay
+                        log.info("retrying prompt %d in %.2fs after %s", i, delay, e)
+                        await asyncio.sleep(delay)
+                        continue
+                    stats.errors += 1
+                    errors.append({"index": i, "prompt": prompts[i].messages, "status": e.status, "error": str(e),
+                                   "attempts": attempt + 1, "ts": utc_now()})
+                    return
+                latency = time.monotonic() - t0
+                data = reply.model_dump()
+                store.put(keys_of[i], identity, dumped[i], data, latency)
+                cached[keys_of[i]] = {"reply": data, "created_at": time.time(), "latency_s": latency}
+                stats.done += 1
+                stats.prompt_tokens += reply.prompt_tokens
+                stats.completion_tokens += reply.completion_tokens
+                stats.spent_usd += cost_usd(cfg, reply.prompt_tokens, reply.completion_tokens)
+                return
+        finally:
+            reserved["usd"] -= usd
+            reserved["tokens"] -= toks
+            report()
+
+    async def worker():
+        while not todo.empty() and not stop["budget"]:
+            i = todo.get_nowait()
+            try:
+                await one(i)
+            except BudgetExceeded:
+                stats.skipped_budget = todo.qsize() + 1
+                return
+
+    report(force=True)
+    try:
+        results = await asyncio.gather(*(worker() for _ in range(min(cfg.concurrency, max(1, todo.qsize())))),
+                                       return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+    finally:
+        await teacher.close()
+    if stop["budget"]:
+        stats.skipped_budget = stats.total - stats.done - stats.errors
+    report(force=True)
+
+    records: list[dict] = []
+    for i, k in enumerate(keys_of):
+        if k in cached:
+            row = cached[k]
+            created = row["created_at"]
+            created_iso = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(created % 1 * 1000):03d}Z"
+            records += interactions_for(k, prompts[i], identity, requests[i], row["reply"], created_iso,
+                                        row["latency_s"], cfg)
+    capability = teacher.capability
+    if cfg.backend != "hf":
+        lps = [r.get("logprobs") for r in records if r.get("logprobs")]
+        capability = ("top_k_logprobs" if any(t.get("top") for lp in lps for t in lp) else
+                      "token_logprobs" if lps else "text")
+    return Outcome(identity, capability, records, errors, stop["budget"])
+
+
+def run(cfg: CollectConfig, progress: Callable[[dict], None] | None = None) -> dict:
+    """Collect, write interactions + manifest, and return the manifest."""
+    started = utc_now()
+    bad: list[str] = []
+    prompts, sources = load_prompts(cfg, bad)
+    shard_i, shard_n = parse_shard(cfg.shard)
+    if shard_n > 1:
+        prompts = [p for p in prompts if shard_of(p.messages, shard_n) == shard_i]
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cfg.dump(out.parent / "config.json")
+    store = Store(cfg.store)
+    stats = Stats()
+    try:
+        res = asyncio.run(_collect(cfg, prompts, store, stats, progress))
+    finally:
+        store.close()
+    identity, capability, records, errors, budget_hit = (res.identity, res.capability, res.records, res.errors,
+                                                         res.budget_hit)
+    write_interactions(out, records)
+    if errors or bad:
+        with open(out.parent / "errors.jsonl", "w") as f:
+            for e in errors:
+                f.write(json.dumps(e) + "\n")
+            for b in bad:
+                f.write(json.dumps({"bad_input": b}) + "\n")
+    view = stats.view()
+    manifest = {
+        "kind": "alambic.collect",
+        "alambic_version": __version__,
+        "teacher": identity,
+        "capability": capability,
+        "sampling": {"samples": cfg.samples, "temperature": cfg.temperature, "top_p": cfg.top_p,
+                     "max_tokens": cfg.max_tokens, "top_logprobs": cfg.top_logprobs, "seed": cfg.seed},
+        "sources": sources,
+        "shard": cfg.shard,
+        "prompts": len(prompts),
+        "records": len(records),
+        "from_cache": stats.cached,
+        "requests_sent": stats.sent,
+        "retries": stats.retries,
+        "errors": len(errors),
+        "bad_input_skipped": len(bad),
+        "retired_keys": stats.retired_keys,
+        "prompt_tokens": stats.prompt_tokens,
+        "completion_tokens": stats.completion_tokens,
+        "spent_usd": round(stats.spent_usd, 6),
+        "budget_stop": budget_hit,
+        "not_collected_budget": stats.skipped_budget if budget_hit else 0,
+        "started_at": started,
+        "ended_at": utc_now(),
+        "elapsed_s": round(view["elapsed_s"], 2),
+        "output": str(out),
+        "store": str(cfg.store),
+    }
+    (out.parent / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
