@@ -33,12 +33,15 @@ def test_every_verb_has_help():
     runner = CliRunner()
     res = runner.invoke(app, ["--help"])
     assert res.exit_code == 0
-    verbs = ["demo", "serve", "teacher"]
+    verbs = ["demo", "serve", "teacher", "collect", "guard"]
     for verb in verbs:
         assert verb in res.output
         sub = runner.invoke(app, [verb, "--help"])
         assert sub.exit_code == 0, sub.output
         assert "Usage" in sub.output
+    for verb in ["simulate", "detect", "score", "robustness"]:
+        sub = runner.invoke(app, ["guard", verb, "--help"])
+        assert sub.exit_code == 0 and "Usage" in sub.output, sub.output
     sub = runner.invoke(app, ["teacher", "train", "--help"])
     assert "--steps" in sub.output and "optimiser steps" in sub.output
 

@@ -11,6 +11,7 @@ import logging
 import sys
 import typing
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -33,6 +34,9 @@ app = typer.Typer(
 )
 teacher_app = typer.Typer(help="Make the demo teacher model.", no_args_is_help=True)
 app.add_typer(teacher_app, name="teacher")
+guard_app = typer.Typer(help="The provider's side: find distillation campaigns in API access logs.",
+                        no_args_is_help=True)
+app.add_typer(guard_app, name="guard")
 
 
 def _option_type(annotation):
@@ -136,10 +140,10 @@ def _serve(cfg):
     run(cfg, on_ready=lambda url: console.print(f"serving {cfg.model} at {url}/v1 (Ctrl-C to stop)"))
 
 
-def _collect(cfg):
+@contextmanager
+def collect_progress():
+    """A live bar for collection: done/total, requests/s, tokens/s, cache hits, errors, spend, ETA."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from .collect import run
 
     columns = [TextColumn("collect"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                TextColumn("{task.fields[info]}")]
@@ -151,7 +155,10 @@ def _collect(cfg):
                     f"errors {v['errors']}  retries {v['retries']}  ${v['spent_usd']:.4f}")
             bar.update(task, total=v["total"], completed=v["done"], info=info)
 
-        m = run(cfg, progress=progress)
+        yield progress
+
+
+def print_collect(m: dict) -> None:
     table = Table(title=f"collected from {m['teacher']['model']} at {m['teacher']['base_url']}")
     for k in ("prompts", "records", "from_cache", "requests_sent", "retries", "errors", "prompt_tokens",
               "completion_tokens", "spent_usd", "capability", "elapsed_s"):
@@ -167,11 +174,45 @@ def _collect(cfg):
     out.print(f"interactions: {m['output']}")
 
 
+def _collect(cfg):
+    from .collect import run
+
+    with collect_progress() as progress:
+        m = run(cfg, progress=progress)
+    print_collect(m)
+
+
 def _demo(cfg):
     from .demo import run
 
-    result = run(cfg, log=lambda msg: console.print(msg))
+    with collect_progress() as progress:
+        result = run(cfg, log=lambda msg: console.print(msg), progress=progress)
     print_accuracy(f"demo teacher answering over HTTP ({result['teacher_url']})", result["teacher_accuracy"])
+    if result["collect"]:
+        print_collect(result["collect"])
+    out.print(f"demo finished in {result['seconds']:.0f}s; outputs in {cfg.out}")
+
+
+def print_summary(title: str, result: dict) -> None:
+    """A stage's summary dict, as indented JSON under a title."""
+    out.rule(title)
+    out.print_json(data=result, default=str)
+
+
+def _guard(stage: str):
+    def main(cfg):
+        import importlib
+
+        from .guard.detect import LogError
+
+        module = importlib.import_module(f".guard.{stage}", __package__)
+        try:
+            result = module.run(cfg)
+        except LogError as e:
+            raise ValueError(str(e)) from None
+        print_summary(f"guard {stage}", result)
+
+    return main
 
 
 def _register() -> None:
@@ -185,6 +226,19 @@ def _register() -> None:
             help="Serve any HF causal LM (directory or .gguf) with an OpenAI- and Anthropic-compatible API.")
     command(app, "collect", CollectConfig, _collect,
             help="Ask a teacher many prompts: concurrent, rate-limited, cached, resumable, budgeted.")
+    from .guard.detect import DetectConfig
+    from .guard.robustness import RobustnessConfig
+    from .guard.score import ScoreConfig
+    from .guard.simulate import SimulateConfig
+
+    command(guard_app, "simulate", SimulateConfig, _guard("simulate"),
+            help="Write synthetic access logs (benign population + campaign playbooks) with ground-truth labels.")
+    command(guard_app, "detect", DetectConfig, _guard("detect"),
+            help="Find distillation campaigns in access logs (JSONL/Parquet): accounts, campaigns, evidence.")
+    command(guard_app, "score", ScoreConfig, _guard("score"),
+            help="Score a detection against ground-truth labels, beside two baselines (volume, PRADA).")
+    command(guard_app, "robustness", RobustnessConfig, _guard("robustness"),
+            help="Recall and false-positive rate as each evasion knob of the simulation is turned.")
     command(app, "demo", DemoConfig, _demo, help="Run the main job offline on the embedded demo teacher.")
 
 

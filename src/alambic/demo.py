@@ -1,13 +1,15 @@
 """`alambic demo`: the main job, offline, on the embedded demo teacher.
 
-So far: serve the shipped demo teacher over real HTTP on 127.0.0.1, ask it the held-out skill prompts
-through the OpenAI-compatible API, grade its answers, and write the per-skill accuracy to the run folder.
+Stages so far: serve the shipped demo teacher over real HTTP on 127.0.0.1 (API keys, access log); ask it the
+held-out skill prompts through the OpenAI-compatible API and grade its answers; collect the student's training
+set from it through several API keys with `alambic collect` (cached: a re-run pays for nothing).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +17,7 @@ from pathlib import Path
 import httpx
 from pydantic import Field
 
-from . import __version__, tasks
+from . import __version__, collect, tasks
 from .config import Config
 
 DEMO_TEACHER = Path(__file__).resolve().parents[2] / "models" / "demo-teacher"
@@ -30,6 +32,9 @@ class DemoConfig(Config):
     concurrency: int = Field(32, gt=0, description="requests in flight at once")
     max_tokens: int = Field(160, gt=0, description="max tokens per teacher answer")
     seed: int = Field(0, description="seed of the held-out prompts")
+    n_collect: int = Field(1000, ge=0, description="training prompts per skill to collect from the teacher")
+    top_logprobs: int = Field(5, ge=0, le=20, description="top-k teacher logprobs to collect per token")
+    n_keys: int = Field(4, ge=1, description="API keys the demo's collection is spread over")
 
 
 async def ask_all(base_url: str, conversations: list[list[dict]], max_tokens: int, concurrency: int,
@@ -49,7 +54,8 @@ async def ask_all(base_url: str, conversations: list[list[dict]], max_tokens: in
         return await asyncio.gather(*(one(m) for m in conversations))
 
 
-def run(cfg: DemoConfig, log: Callable[[str], None] = lambda _: None) -> dict:
+def run(cfg: DemoConfig, log: Callable[[str], None] = lambda _: None,
+        progress: Callable[[dict], None] | None = None) -> dict:
     from .serve import ServeConfig, serve_in_thread
 
     if not Path(cfg.teacher).exists():
@@ -59,17 +65,37 @@ def run(cfg: DemoConfig, log: Callable[[str], None] = lambda _: None) -> dict:
     cfg.dump(out / "config.json")
     t0 = time.time()
     heldout = tasks.generate(None, cfg.n_eval, "test", seed=cfg.seed)
+    # The demo's own API keys: one for evaluation, several for the collection (a campaign, as guard will see it).
+    keys = [f"sk-demo-{i}-{secrets.token_hex(8)}" for i in range(cfg.n_keys + 1)]
+    keys_file = out / "api_keys.txt"  # secrets: kept out of records, logs and reports
+    keys_file.write_text("".join(f"{k} acct_demo_{i}\n" for i, k in enumerate(keys)))
+    keys_file.chmod(0o600)
     log(f"serving the demo teacher from {cfg.teacher}")
-    serve_cfg = ServeConfig(model=cfg.teacher, port=0, access_log=str(out / "access.jsonl"))
+    serve_cfg = ServeConfig(model=cfg.teacher, port=0, access_log=str(out / "access.jsonl"),
+                            api_keys_file=str(keys_file))
     with serve_in_thread(serve_cfg) as url:
         log(f"asking {len(heldout)} held-out prompts over HTTP at {url}")
-        replies = asyncio.run(ask_all(url, [ex.messages for ex in heldout], cfg.max_tokens, cfg.concurrency))
+        t1 = time.time()
+        replies = asyncio.run(ask_all(url, [ex.messages for ex in heldout], cfg.max_tokens, cfg.concurrency,
+                                      api_key=keys[0]))
+        eval_s = time.time() - t1
+        collected = None
+        if cfg.n_collect:
+            collect_keys = out / "collect_keys.txt"
+            collect_keys.write_text("".join(k + "\n" for k in keys[1:]))
+            collect_keys.chmod(0o600)
+            log(f"collecting {cfg.n_collect} training prompts per skill from the teacher over HTTP")
+            collected = collect.run(collect.CollectConfig(
+                base_url=url + "/v1", api_keys_file=str(collect_keys), task=list(tasks.SKILLS), n=cfg.n_collect,
+                max_tokens=cfg.max_tokens, top_logprobs=cfg.top_logprobs, concurrency=cfg.concurrency,
+                store=str(out / "cache.sqlite"), out=str(out / "collect" / "interactions.jsonl")), progress=progress)
     hits: dict[str, list[bool]] = {}
     for ex, reply in zip(heldout, replies, strict=True):
         hits.setdefault(ex.skill, []).append(tasks.get(ex.skill).grade(reply, ex.reference))
     acc = {k: sum(v) / len(v) for k, v in hits.items()}
     acc["mean"] = sum(acc.values()) / len(acc)
     result = {"alambic_version": __version__, "teacher": cfg.teacher, "teacher_url": url, "teacher_accuracy": acc,
-              "n_prompts": len(heldout), "seconds": round(time.time() - t0, 1)}
+              "n_prompts": len(heldout), "eval_seconds": round(eval_s, 1), "collect": collected,
+              "seconds": round(time.time() - t0, 1)}
     (out / "manifest.json").write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -35,12 +35,12 @@ class TeacherConfig(Config):
     skills: list[str] = Field(default_factory=lambda: list(tasks.SKILLS), description="skills to train on")
     n_train: int = Field(20000, gt=0, description="training examples per skill")
     n_eval: int = Field(200, gt=0, description="held-out examples per skill for the final evaluation")
-    steps: int = Field(1800, gt=0, description="optimiser steps")
+    steps: int = Field(1500, gt=0, description="optimiser steps")
     batch_size: int = Field(64, gt=0, description="sequences per step")
     lr: float = Field(2e-3, gt=0, description="peak learning rate (cosine decay to 10%)")
-    warmup: int = Field(200, ge=0, description="linear warm-up steps")
+    warmup: int = Field(100, ge=0, description="linear warm-up steps")
     weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay on matrices")
-    eval_every: int = Field(300, ge=0, description="steps between quick held-out checks (0: only at the end)")
+    eval_every: int = Field(150, ge=0, description="steps between quick held-out checks and checkpoints (0: only at the end)")
     seed: int = Field(0, description="seed for data and initialisation")
     threads: int = Field(0, ge=0, description="torch CPU threads (0: torch's default)")
 
@@ -141,6 +141,7 @@ def run(cfg: TeacherConfig, progress: Callable[[dict], None] | None = None) -> d
             if cfg.eval_every and step and step % cfg.eval_every == 0:
                 model.eval()
                 point["heldout_acc"] = skill_accuracy(model, tokenizer, quick)
+                save(model, tokenizer, cfg, Path(cfg.out) / "checkpoint", {"step": step, "quick_acc": point})
                 model.train()
             curve.append(point)
             log.info("step %d %s", step, point)
@@ -150,11 +151,6 @@ def run(cfg: TeacherConfig, progress: Callable[[dict], None] | None = None) -> d
     model.eval()
     acc = skill_accuracy(model, tokenizer, heldout)
     elapsed = time.time() - t0
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    cfg.dump(out / "alambic_config.json")
     manifest = {
         "kind": "alambic.teacher",
         "alambic_version": __version__,
@@ -172,6 +168,16 @@ def run(cfg: TeacherConfig, progress: Callable[[dict], None] | None = None) -> d
             f"--{k.replace('_', '-')} {v}" for k, v in cfg.model_dump(exclude_defaults=True).items()
         ),
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    out = Path(cfg.out)
+    save(model, tokenizer, cfg, out, manifest)
     (out / "curve.jsonl").write_text("".join(json.dumps(p) + "\n" for p in curve))
     return manifest
+
+
+def save(model, tokenizer, cfg: TeacherConfig, out: Path, manifest: dict) -> None:
+    """An HF model directory plus the config and manifest that made it."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    cfg.dump(out / "alambic_config.json")
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

@@ -1,0 +1,88 @@
+"""guard: simulate -> detect -> score end to end on a small simulation, plus the bad-input and statistics contracts."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from alambic.guard import detect, score, simulate
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sim")
+    summary = simulate.run(simulate.SimulateConfig(out=str(out), scale=0.01, days=4, release_day=2.5, format="both"))
+    return out, summary
+
+
+def test_end_to_end_meets_targets(sim, tmp_path):
+    out, summary = sim
+    assert summary["events"] > 10_000 and set(summary["campaign_accounts"]) == set(simulate.PLAYBOOKS)
+    res = detect.run(detect.DetectConfig(logs=[str(out / "access.parquet")], out=str(tmp_path)))
+    assert res["malformed"] == {} and res["signals_skipped"] == {}
+    s = score.run(score.ScoreConfig(labels=str(out / "labels.jsonl"), detected=str(tmp_path)))["detector"]
+    assert s["recall"] >= 0.9, s
+    assert s["benign_fpr"] <= 0.002, s  # 2000 benign accounts: at most ~4 false positives
+    assert s["campaign_recall"] == 1.0, s  # every playbook found, the low-and-slow one included
+    campaigns = json.loads((tmp_path / "campaigns.json").read_text())
+    assert all(c["evidence"] and c["q_value"] <= 0.01 for c in campaigns)
+    acc = pq.read_table(tmp_path / "accounts.parquet").to_pydict()
+    assert all(0 <= p <= 1 for p in acc["p_value"]) and all(0 <= q <= 1 for q in acc["q_value"])
+    assert all(e for e, f in zip(acc["evidence"], acc["flagged"], strict=True) if f)
+    assert "# Distillation campaigns" in (tmp_path / "report.md").read_text()
+
+
+def test_missing_required_field_is_named(tmp_path):
+    log = tmp_path / "a.jsonl"
+    log.write_text('{"request_id": "r1", "account_id": "a"}\n{"request_id": "r2", "account_id": "b"}\n')
+    with pytest.raises(detect.LogError, match="ts"):
+        detect.run(detect.DetectConfig(logs=[str(log)], out=str(tmp_path / "d")))
+
+
+def _lines(n: int, **extra) -> list[str]:
+    rows = []
+    for i in range(n):
+        ts = f"2026-03-02T{i % 24:02d}:{i % 60:02d}:00Z" if i % 2 else 1772409600 + i * 60  # ISO or epoch seconds
+        rows.append(json.dumps({"ts": ts, "request_id": f"r{i}", "account_id": f"a{i % 7}", **extra}))
+    return rows
+
+
+def test_malformed_lines_counted_not_fatal(tmp_path):
+    log = tmp_path / "a.jsonl"
+    lines = _lines(60, prompt="Explain step by step: 2 + 2")
+    lines[3] = "{not json"
+    lines[10] = '["a list"]'
+    lines[20] = json.dumps({"ts": "yesterday-ish", "account_id": "a1"})
+    log.write_text("\n".join(lines) + "\n")
+    res = detect.run(detect.DetectConfig(logs=[str(log)], out=str(tmp_path / "d")))
+    assert sum(res["malformed"].values()) == 3
+    assert res["events"] == 57
+    assert {e["line"] for e in res["malformed_examples"]} >= {4, 11, 21}
+
+
+def test_signal_skipped_and_named_when_field_absent(tmp_path):
+    log = tmp_path / "a.jsonl"
+    log.write_text("\n".join(_lines(80, prompt="Reverse 1 2 3", n_messages=1)) + "\n")
+    res = detect.run(detect.DetectConfig(logs=[str(log)], out=str(tmp_path / "d")))
+    for name, field in [("payment", "payment_fp"), ("ip_prefix", "ip"), ("pivot", "model"), ("logprobs", "logprobs")]:
+        assert field in res["signals_skipped"][name]
+    assert "elicit_share" in res["signals_used"] and "single_turn" in res["signals_used"]
+    assert "payment" in (tmp_path / "d" / "report.md").read_text()
+
+
+def test_bh_matches_hand_computation():
+    p = np.array([0.01, 0.04, 0.03, 0.005, 0.5])
+    # sorted: 0.005, 0.01, 0.03, 0.04, 0.5 -> p*m/rank: 0.025, 0.025, 0.05, 0.05, 0.5 (then running min from the top)
+    expected = np.array([0.025, 0.05, 0.05, 0.025, 0.5])
+    np.testing.assert_allclose(detect.bh(p), expected)
+    assert (detect.bh(np.array([0.2, 0.9, 1.0])) <= 1).all()
+    assert set(np.flatnonzero(detect.bh(p) <= 0.05)) == {0, 1, 2, 3}
+
+
+def test_robust_z_uses_the_bulk():
+    x = np.r_[np.zeros(95), np.full(5, 10.0)]
+    z = detect.robust_z(x + np.linspace(0, 0.1, 100))
+    assert z[:95].max() < 3 < z[95:].min()
