@@ -190,6 +190,13 @@ def _demo(cfg):
     print_accuracy(f"demo teacher answering over HTTP ({result['teacher_url']})", result["teacher_accuracy"])
     if result["collect"]:
         print_collect(result["collect"])
+    if result["guard"]:
+        g = result["guard"]
+        verdict = "[green]found[/]" if g["demo_found_as_campaign"] else "[red]NOT found[/]"
+        out.print(f"guard: the demo's collection ({g['demo_accounts']} accounts) among {g['benign_accounts']} "
+                  f"simulated benign accounts: {verdict} as one campaign; "
+                  f"{g['demo_accounts_flagged']}/{g['demo_accounts']} demo accounts flagged, "
+                  f"{g['benign_flagged']} benign accounts flagged")
     out.print(f"demo finished in {result['seconds']:.0f}s; outputs in {cfg.out}")
 
 

@@ -35,6 +35,8 @@ class DemoConfig(Config):
     n_collect: int = Field(1000, ge=0, description="training prompts per skill to collect from the teacher")
     top_logprobs: int = Field(5, ge=0, le=20, description="top-k teacher logprobs to collect per token")
     n_keys: int = Field(4, ge=1, description="API keys the demo's collection is spread over")
+    guard: bool = Field(True, description="mix the demo's traffic into simulated benign traffic and run guard detect")
+    guard_scale: float = Field(0.01, gt=0, description="size of the simulated benign population (1.0 = 200k accounts)")
 
 
 async def ask_all(base_url: str, conversations: list[list[dict]], max_tokens: int, concurrency: int,
@@ -52,6 +54,35 @@ async def ask_all(base_url: str, conversations: list[list[dict]], max_tokens: in
                 return r.json()["choices"][0]["message"]["content"]
 
         return await asyncio.gather(*(one(m) for m in conversations))
+
+
+def find_demo_campaign(cfg: DemoConfig, out: Path, demo_accounts: list[str], log: Callable[[str], None]) -> dict:
+    """The provider's view: the demo's collection hidden among simulated benign users; does guard find it?"""
+    from datetime import UTC, datetime, timedelta
+
+    from .guard import detect, simulate
+
+    days = 2.0
+    # The benign window ends just after the demo's own traffic, so both share one timeline.
+    start = datetime.now(UTC) - timedelta(days=days - 0.05)
+    log("simulating benign API traffic and mixing in the demo's collection traffic")
+    simulate.run(simulate.SimulateConfig(out=str(out / "guard" / "benign"), scale=cfg.guard_scale, days=days,
+                                         start=start.isoformat().replace("+00:00", "Z"), campaigns=[], seed=cfg.seed))
+    logs = [str(out / "guard" / "benign" / "access.jsonl"), str(out / "access.jsonl")]
+    log("running guard detect on the mixed access log")
+    result = detect.run(detect.DetectConfig(logs=logs, out=str(out / "guard" / "detect")))
+    import pyarrow.parquet as pq
+
+    acc = pq.read_table(out / "guard" / "detect" / "accounts.parquet", columns=["account_id", "flagged", "campaign"])
+    rows = acc.to_pylist()
+    flagged = {r["account_id"] for r in rows if r["flagged"]}
+    demo_campaigns = {r["campaign"] for r in rows if r["account_id"] in demo_accounts and r["campaign"]}
+    benign_flagged = sorted(a for a in flagged if a not in demo_accounts and not a.startswith("acct_demo_"))
+    return {"demo_accounts": len(demo_accounts), "demo_accounts_flagged": len(flagged & set(demo_accounts)),
+            "demo_found_as_campaign": len(demo_campaigns) == 1 and all(
+                r["campaign"] in demo_campaigns for r in rows if r["account_id"] in demo_accounts),
+            "benign_accounts": len(rows) - len(demo_accounts), "benign_flagged": len(benign_flagged),
+            "events": result.get("events"), "campaigns": result.get("campaigns")}
 
 
 def run(cfg: DemoConfig, log: Callable[[str], None] = lambda _: None,
@@ -89,13 +120,15 @@ def run(cfg: DemoConfig, log: Callable[[str], None] = lambda _: None,
                 base_url=url + "/v1", api_keys_file=str(collect_keys), task=list(tasks.SKILLS), n=cfg.n_collect,
                 max_tokens=cfg.max_tokens, top_logprobs=cfg.top_logprobs, concurrency=cfg.concurrency,
                 store=str(out / "cache.sqlite"), out=str(out / "collect" / "interactions.jsonl")), progress=progress)
+    guard_result = find_demo_campaign(cfg, out, [f"acct_demo_{i}" for i in range(1, cfg.n_keys + 1)], log) \
+        if cfg.guard and collected else None
     hits: dict[str, list[bool]] = {}
     for ex, reply in zip(heldout, replies, strict=True):
         hits.setdefault(ex.skill, []).append(tasks.get(ex.skill).grade(reply, ex.reference))
     acc = {k: sum(v) / len(v) for k, v in hits.items()}
     acc["mean"] = sum(acc.values()) / len(acc)
     result = {"alambic_version": __version__, "teacher": cfg.teacher, "teacher_url": url, "teacher_accuracy": acc,
-              "n_prompts": len(heldout), "eval_seconds": round(eval_s, 1), "collect": collected,
+              "n_prompts": len(heldout), "eval_seconds": round(eval_s, 1), "collect": collected, "guard": guard_result,
               "seconds": round(time.time() - t0, 1)}
     (out / "manifest.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
