@@ -61,7 +61,7 @@ def command(parent: typer.Typer, name: str, cfg_cls: type[Config], main: Callabl
         info: FieldInfo
         extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
         typ = _option_type(info.annotation)
-        default_txt = "" if info.is_required() else f" [default: {info.get_default(call_default_factory=True)}]"
+        default_txt = "" if info.is_required() else f" (default: {info.get_default(call_default_factory=True)})"
         desc = (info.description or "") + default_txt
         if extra.get("positional"):
             default = typer.Argument(None, help=desc, show_default=False, metavar=field_name.upper())

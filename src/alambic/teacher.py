@@ -40,7 +40,7 @@ class TeacherConfig(Config):
     lr: float = Field(2e-3, gt=0, description="peak learning rate (cosine decay to 10%)")
     warmup: int = Field(100, ge=0, description="linear warm-up steps")
     weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay on matrices")
-    eval_every: int = Field(150, ge=0, description="steps between quick held-out checks and checkpoints (0: only at the end)")
+    eval_every: int = Field(150, ge=0, description="steps between quick checks + checkpoints (0: end only)")
     seed: int = Field(0, description="seed for data and initialisation")
     threads: int = Field(0, ge=0, description="torch CPU threads (0: torch's default)")
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 
-from .base import Skill
 from .arithmetic import Arithmetic
+from .base import Skill
 
 VARS = "abc"
 

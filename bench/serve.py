@@ -1,0 +1,145 @@
+"""Benchmark `alambic serve`: throughput and latency at concurrency 1, 8 and 32, in one run.
+
+The claim: continuous batching makes throughput grow with concurrency (target: 32 concurrent clients get >= 5x the
+requests/s of one). The server runs in its own process (as in production: its GIL is not shared with the load
+generator); clients send short chat prompts with temperature 0 and `ignore_eos`, so every request generates exactly
+`--max-tokens` tokens and the levels are comparable.
+
+    python bench/serve.py [--model models/demo-teacher] [--quick]
+
+Prints one JSON line and writes it to bench/results/serve.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+LEVELS = (1, 8, 32)
+
+
+def serve_process(model: str, ready, max_batch: int) -> None:
+    """Child process: serve `model` on a free port and send the base URL through the pipe `ready`."""
+    from transformers.utils import logging as hf_logging
+
+    from alambic.serve import ServeConfig, run
+
+    hf_logging.disable_progress_bar()  # tqdm's lock is a named semaphore this process would leave behind
+    run(ServeConfig(model=model, port=0, max_batch=max_batch), on_ready=ready.send)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in [0, 100])."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+async def load(url: str, model: str, concurrency: int, n_requests: int, max_tokens: int) -> dict[str, float]:
+    """`concurrency` clients each send requests back to back until `n_requests` have been answered."""
+    latencies: list[float] = []
+    counter = iter(range(n_requests))
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=600) as client:
+
+        async def worker() -> None:
+            for i in counter:
+                body = {
+                    "model": model,
+                    "messages": [{"role": "user", "content": f"What is {17 * i % 89} + {31 * i % 97}?"}],
+                    "max_tokens": max_tokens,
+                    "temperature": 0,
+                    "ignore_eos": True,
+                }
+                t0 = time.perf_counter()
+                r = await client.post("/v1/chat/completions", json=body)
+                latencies.append(time.perf_counter() - t0)
+                r.raise_for_status()
+                got = r.json()["usage"]["completion_tokens"]
+                if got != max_tokens:
+                    raise RuntimeError(f"a request generated {got} tokens instead of {max_tokens}")
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    return {
+        "rps": n_requests / wall,
+        "p50": percentile(latencies, 50),
+        "p99": percentile(latencies, 99),
+        "tokens_per_s": n_requests * max_tokens / wall,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="models/demo-teacher", help="HF model directory or .gguf file to serve")
+    parser.add_argument("--max-tokens", type=int, default=48, help="tokens generated per request")
+    parser.add_argument("--quick", action="store_true", help="fewer requests: runs in under a minute")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve.json"))
+    args = parser.parse_args()
+
+    model, note = args.model, None
+    tmp = None
+    if not Path(model).exists():
+        from alambic.modeling import build_model, char_tokenizer
+
+        tmp = tempfile.TemporaryDirectory()
+        model = str(Path(tmp.name) / "demo-teacher-untrained")
+        tokenizer = char_tokenizer()
+        build_model("teacher", tokenizer).save_pretrained(model)
+        tokenizer.save_pretrained(model)
+        note = f"{args.model} not found: served a freshly initialised 'teacher' preset (same size) instead"
+        print(note, file=sys.stderr)
+
+    ctx = mp.get_context("spawn")
+    ready, child_end = ctx.Pipe(duplex=False)
+    server = ctx.Process(target=serve_process, args=(model, child_end, max(LEVELS)), daemon=True)
+    server.start()
+    try:
+        if not ready.poll(300):
+            raise RuntimeError("the server did not start within 300 s")
+        url = ready.recv()
+        served = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
+        n_requests = {1: 8, 8: 32, 32: 64} if args.quick else {1: 24, 8: 96, 32: 256}
+        asyncio.run(load(url, served, 4, 8, args.max_tokens))  # warm-up: first-call allocations, lazy imports
+        result: dict[str, object] = {"bench": "serve", "model": served, "max_tokens": args.max_tokens}
+        for c in LEVELS:
+            before = httpx.get(url + "/v1/alambic/stats").json()
+            m = asyncio.run(load(url, served, c, n_requests[c], args.max_tokens))
+            after = httpx.get(url + "/v1/alambic/stats").json()
+            steps = after["decode_steps"] - before["decode_steps"]
+            result |= {
+                f"rps_c{c}": round(m["rps"], 2),
+                f"p50_c{c}": round(m["p50"], 3),
+                f"p99_c{c}": round(m["p99"], 3),
+            }
+            result[f"tokens_per_s_c{c}"] = round(m["tokens_per_s"], 1)
+            result[f"mean_batch_c{c}"] = round((after["rows_decoded"] - before["rows_decoded"]) / max(steps, 1), 2)
+            print(f"concurrency {c}: {m['rps']:.2f} req/s, p50 {m['p50']:.3f}s, p99 {m['p99']:.3f}s", file=sys.stderr)
+        result["ratio_32_vs_1"] = round(result["rps_c32"] / result["rps_c1"], 2)
+        result["quick"] = args.quick
+        if note:
+            result["note"] = note
+    finally:
+        server.terminate()
+        server.join(10)
+        ready.close()
+        if tmp is not None:
+            tmp.cleanup()
+
+    line = json.dumps(result)
+    print(line)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(line + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Distillation losses as plain functions over tensors.
+
+Shapes: B sequences, T positions, V vocabulary, k stored top-k teacher tokens. Every loss takes the student's
+logits already aligned with its targets (position t predicts token t+1 of the sequence: the caller shifts) and a
+boolean `mask` (B, T) of the positions that count (completion tokens; prompt and padding are False).
+Reduction: the mean over masked positions, so a loss does not grow with sequence length or padding.
+
+Teacher signal, by what the teacher exposes (`collect` records it as the capability):
+- text only → `sft` on the teacher's tokens;
+- full logits (a local teacher) → `forward_kl`, `reverse_kl`, `jsd` on (B, T, V) teacher logits;
+- top-k logprobs (an API teacher, k ≤ 20) → the same divergences over k + 1 buckets: the k tokens plus one tail
+  bucket holding the leftover probability mass, for both teacher and student. Nothing vocabulary-sized is built
+  for the teacher. With k = V the tail is empty and the result equals the full-logit loss.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+TAIL_FLOOR = 1e-10  # smallest probability given to a top-k tail bucket
+
+
+def masked_mean(per_token: Tensor, mask: Tensor) -> Tensor:
+    """Mean of (B, T) values over True positions of `mask` (0 when nothing is masked in)."""
+    mask = mask.to(per_token.dtype)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+
+def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """KL(p || q) over the last dim, from log-probabilities; terms where p = 0 contribute 0. (..., K) -> (...)"""
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+
+
+def divergence(kind: str, log_t: Tensor, log_s: Tensor, beta: float = 0.5) -> Tensor:
+    """Per-position divergence between teacher and student distributions given as log-probs (B, T, K) -> (B, T).
+
+    - forward: KL(teacher || student), mode-covering (Hinton et al., 2015).
+    - reverse: KL(student || teacher), mode-seeking (MiniLLM, Gu et al., ICLR 2024).
+    - jsd: generalised Jensen–Shannon with mixture M = β·teacher + (1−β)·student,
+      β·KL(teacher || M) + (1−β)·KL(student || M) (GKD, Agarwal et al., ICLR 2024). β → 0 behaves like forward
+      KL and β → 1 like reverse KL after rescaling; β = 0.5 is the symmetric JSD.
+    """
+    if kind == "forward":
+        return _kl(log_t, log_s)
+    if kind == "reverse":
+        return _kl(log_s, log_t)
+    if kind == "jsd":
+        if not 0 < beta < 1:
+            raise ValueError(f"jsd needs 0 < beta < 1 (got {beta}); use forward_kl or reverse_kl for the limits")
+        log_m = torch.logsumexp(
+            torch.stack([log_t + torch.log(torch.tensor(beta, dtype=log_t.dtype)),
+                         log_s + torch.log(torch.tensor(1 - beta, dtype=log_s.dtype))]), dim=0)
+        return beta * _kl(log_t, log_m) + (1 - beta) * _kl(log_s, log_m)
+    raise ValueError(f"unknown divergence {kind!r}; use forward, reverse or jsd")
+
+
+def topk_buckets(student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor) -> tuple[Tensor, Tensor]:
+    """Teacher and student log-probs over k + 1 buckets: the teacher's top-k tokens and the tail.
+
+    student_logits (B, T, V); teacher_ids (B, T, k) long; teacher_logprobs (B, T, k) log-probs of those tokens in
+    the teacher's full distribution. Returns (log_t, log_s), each (B, T, k + 1).
+    """
+    log_s_all = F.log_softmax(_upcast(student_logits), dim=-1)  # (B, T, V)
+    log_s_k = log_s_all.gather(-1, teacher_ids)  # (B, T, k)
+    log_t_k = teacher_logprobs.to(log_s_k.dtype)
+    # The student's tail: its mass outside the teacher's top-k, summed directly (not 1 − Σ top-k, which rounds to
+    # a spurious tiny mass when k = V). Only the student side is dense: it is anyway.
+    log_s_tail = torch.logsumexp(log_s_all.scatter(-1, teacher_ids, float("-inf")), -1, keepdim=True)  # (B, T, 1)
+    # The teacher's tail: 1 − Σ top-k. Both tails are floored at TAIL_FLOOR so that a bucket empty on one side
+    # and rounded to a tiny mass on the other cannot make a KL infinite; the floor's effect is below 1e-9.
+    t_mass = torch.logsumexp(log_t_k, -1, keepdim=True).exp()  # (B, T, 1)
+    log_t_tail = torch.log((1 - t_mass).clamp(min=TAIL_FLOOR))
+    log_s_tail = log_s_tail.clamp(min=math.log(TAIL_FLOOR))
+    return torch.cat([log_t_k, log_t_tail], -1), torch.cat([log_s_k, log_s_tail], -1)
+
+
+def _upcast(x: Tensor) -> Tensor:
+    """Losses are computed in at least float32 (half-precision log-softmax loses the tail); float64 stays."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def sft(student_logits: Tensor, mask: Tensor, labels: Tensor, **_) -> Tensor:
+    """Sequence-level KD (Kim & Rush, 2016): cross-entropy on the teacher's sampled tokens `labels` (B, T)."""
+    logp = F.log_softmax(_upcast(student_logits), dim=-1)  # (B, T, V)
+    nll = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T)
+    return masked_mean(nll, mask & (labels >= 0))
+
+
+def _make(kind: str) -> Callable[..., Tensor]:
+    def loss(student_logits: Tensor, mask: Tensor, teacher_logits: Tensor | None = None,
+             teacher_ids: Tensor | None = None, teacher_logprobs: Tensor | None = None, beta: float = 0.5,
+             **_) -> Tensor:
+        if teacher_logits is not None:
+            if teacher_logits.shape[-1] != student_logits.shape[-1]:
+                raise ValueError(f"teacher vocabulary {teacher_logits.shape[-1]} != student {student_logits.shape[-1]}"
+                                 "; truncate padded vocabularies first (train.data.align_vocab)")
+            log_t = F.log_softmax(_upcast(teacher_logits), dim=-1)  # (B, T, V)
+            log_s = F.log_softmax(_upcast(student_logits), dim=-1)
+        elif teacher_ids is not None and teacher_logprobs is not None:
+            log_t, log_s = topk_buckets(student_logits, teacher_ids, teacher_logprobs)  # (B, T, k + 1)
+        else:
+            raise ValueError(f"{kind} needs teacher logits or stored top-k logprobs; a text-only teacher needs `sft`")
+        return masked_mean(divergence(kind, log_t, log_s, beta), mask)
+
+    loss.__name__ = {"forward": "forward_kl", "reverse": "reverse_kl", "jsd": "jsd"}[kind]
+    loss.__doc__ = f"Masked mean of the {kind} divergence (see `divergence`), on full logits or top-k + tail."
+    return loss
+
+
+forward_kl = _make("forward")
+reverse_kl = _make("reverse")
+jsd = _make("jsd")
+
+# name -> loss(student_logits, mask, *, labels | teacher_logits | teacher_ids + teacher_logprobs, beta)
+LOSSES: dict[str, Callable[..., Tensor]] = {
+    "sft": sft,
+    "forward_kl": forward_kl,
+    "reverse_kl": reverse_kl,
+    "jsd": jsd,
+}
