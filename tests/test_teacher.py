@@ -19,7 +19,7 @@ def test_encode_masks_prompt_tokens():
 
 def test_teacher_train_end_to_end_tiny(tmp_path):
     cfg = TeacherConfig(out=str(tmp_path / "t"), preset="test", skills=["string_ops", "list_ops"], n_train=64,
-                        n_eval=4, steps=30, batch_size=16, warmup=5, eval_every=0)
+                        seq_len=128, n_eval=4, steps=30, batch_size=8, warmup=5, eval_every=0)
     manifest = run(cfg)
     out = tmp_path / "t"
     curve = [json.loads(line) for line in (out / "curve.jsonl").read_text().splitlines()]

@@ -29,8 +29,8 @@ from pydantic import Field, field_validator
 from . import __version__, tasks
 from .config import Config
 from .records import utc_now
-from .store import Store, request_key
-from .teachers import ChatRequest, Reply, TeacherError, TeacherSpec, make_teacher
+from .store import Store, request_key_prefixed, teacher_prefix
+from .teachers import ChatRequest, TeacherError, TeacherSpec, make_teacher
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,8 @@ class CollectConfig(Config):
     model: str = Field("", description="teacher model name (or directory for hf); '' = the first one listed")
     api_key_env: str = Field("", description="env var with comma-separated API keys (default by backend)")
     api_keys_file: str | None = Field(None, description="file with one API key per line")
+    teacher_id: str | None = Field(None, description="stable teacher name for the cache, instead of its URL "
+                                   "(a local server on a changing port)")
     # the prompts
     prompts: str | None = Field(None, description="prompt file: .jsonl, .csv or .parquet with `prompt` or `messages`")
     task: list[str] = Field(default_factory=list, description="built-in skill(s) to draw prompts from")
@@ -91,7 +93,8 @@ class CollectConfig(Config):
 
     def teacher_spec(self) -> TeacherSpec:
         return TeacherSpec(backend=self.backend, base_url=self.base_url, model=self.model,
-                           api_key_env=self.api_key_env, api_keys_file=self.api_keys_file, timeout_s=self.timeout_s)
+                           api_key_env=self.api_key_env, api_keys_file=self.api_keys_file, timeout_s=self.timeout_s,
+                           teacher_id=self.teacher_id)
 
 
 # --- prompts -----------------------------------------------------------------------------------------------------
@@ -244,6 +247,7 @@ class KeyPool:
         self.keys = [Key(k, "key_" + hashlib.sha256((k or "").encode()).hexdigest()[:12] if k else "none",
                          Bucket(rpm), Bucket(tpm)) for k in keys]
         self.lock = asyncio.Lock()
+        self.turn = 0
 
     def live(self) -> list[Key]:
         return [k for k in self.keys if not k.retired]
@@ -255,8 +259,11 @@ class KeyPool:
                 if not live:
                     raise RuntimeError("every API key was rejected (401/403); check the keys and re-run to resume")
                 now = time.monotonic()
-                waits = [(max(k.cooldown_until - now, k.requests.wait_for(1), k.tokens.wait_for(tokens)), i, k)
-                         for i, k in enumerate(live)]
+                # Round-robin among the keys that can send now (ties broken from a rotating start), so load and
+                # rate-limit headroom are spread over the whole pool.
+                self.turn = (self.turn + 1) % len(live)
+                waits = [(max(k.cooldown_until - now, k.requests.wait_for(1), k.tokens.wait_for(tokens)),
+                          (i - self.turn) % len(live), k) for i, k in enumerate(live)]
                 wait, _, key = min(waits, key=lambda w: (w[0], w[1]))
                 if wait <= 0:
                     key.requests.take(1)
@@ -310,32 +317,34 @@ def cost_usd(cfg: CollectConfig, prompt_tokens: float, completion_tokens: float)
     return (prompt_tokens * cfg.price_in + completion_tokens * cfg.price_out) / 1e6
 
 
-def interactions_for(key: str, prompt: Prompt, teacher: dict, request: ChatRequest, reply: dict,
+def interactions_for(key: str, prompt: Prompt, teacher: dict, sampling: dict, reply: dict,
                      created_at: str, latency_s: float | None, cfg: CollectConfig) -> list[dict]:
-    """The Interaction records (DESIGN.md) of one stored reply: one per sample."""
-    r = Reply.model_validate(reply)
-    n = max(1, len(r.choices))
+    """The Interaction records (DESIGN.md) of one stored reply (a `Reply` as a dict): one per sample."""
+    choices = reply["choices"]
+    n = max(1, len(choices))
     records = []
-    for i, c in enumerate(r.choices):
-        usage = {"prompt_tokens": r.prompt_tokens if i == 0 else 0, "completion_tokens": r.completion_tokens // n}
-        usage["cost_usd"] = round(cost_usd(cfg, usage["prompt_tokens"], usage["completion_tokens"]), 8)
+    skill = prompt.meta.get("skill")
+    grader = tasks.SKILLS.get(skill) if "reference" in prompt.meta else None
+    for i, c in enumerate(choices):
+        p_tok = reply.get("prompt_tokens", 0) if i == 0 else 0
+        c_tok = reply.get("completion_tokens", 0) // n
         meta = dict(prompt.meta)
-        if "reference" in meta and "skill" in meta and meta["skill"] in tasks.SKILLS:
-            meta["correct"] = tasks.get(meta["skill"]).grade(c.text, str(meta["reference"]))
+        if grader is not None:
+            meta["correct"] = grader.grade(c["text"], str(meta["reference"]))
         rec = {
-            "id": key if len(r.choices) == 1 else f"{key}:{i}",
+            "id": key if len(choices) == 1 else f"{key}:{i}",
             "prompt": prompt.messages,
-            "completion": c.text,
-            "teacher": {**teacher, "served_model": r.model,
-                        **request.model_dump(exclude={"messages"})},
-            "usage": usage,
+            "completion": c["text"],
+            "teacher": {**teacher, "served_model": reply.get("model"), **sampling},
+            "usage": {"prompt_tokens": p_tok, "completion_tokens": c_tok,
+                      "cost_usd": round(cost_usd(cfg, p_tok, c_tok), 8)},
             "meta": meta,
             "created_at": created_at,
             "latency_s": latency_s,
-            "finish_reason": c.finish_reason,
+            "finish_reason": c.get("finish_reason"),
         }
-        if c.logprobs is not None:
-            rec["logprobs"] = c.logprobs
+        if c.get("logprobs") is not None:
+            rec["logprobs"] = c["logprobs"]
         records.append(rec)
     return records
 
@@ -368,11 +377,14 @@ async def _collect(cfg: CollectConfig, prompts: list[Prompt], store: Store, stat
     await teacher.start(keys or [None])
     identity = teacher.spec.identity()
     errors: list[dict] = []
-    requests = [ChatRequest(messages=p.messages, max_tokens=cfg.max_tokens, temperature=cfg.temperature,
-                            top_p=cfg.top_p, n=cfg.samples, top_logprobs=cfg.top_logprobs, seed=cfg.seed)
-                for p in prompts]
-    dumped = [r.model_dump() for r in requests]
-    keys_of = [request_key(identity, d) for d in dumped]
+    # Requests as plain dicts (the fields of ChatRequest, in its order): millions of pydantic objects would make
+    # a fully cached re-run slower than the records it writes.
+    params = ChatRequest(messages=[], max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                         n=cfg.samples, top_logprobs=cfg.top_logprobs, seed=cfg.seed).model_dump()
+    dumped = [{**params, "messages": p.messages} for p in prompts]
+    prefix = teacher_prefix(identity)
+    keys_of = [request_key_prefixed(prefix, d) for d in dumped]
+    sampling = {k: v for k, v in params.items() if k != "messages"}
     cached = store.get_many(keys_of)
     stats.total = len(prompts)
     stats.cached = stats.done = sum(1 for k in keys_of if k in cached)
@@ -415,7 +427,7 @@ async def _collect(cfg: CollectConfig, prompts: list[Prompt], store: Store, stat
                 t0 = time.monotonic()
                 stats.sent += 1
                 try:
-                    reply = await teacher.complete(requests[i], key.value)
+                    reply = await teacher.complete(ChatRequest.model_validate(dumped[i]), key.value)
                 except TeacherError as e:
                     if e.auth:
                         if key.value is None:
@@ -483,7 +495,7 @@ async def _collect(cfg: CollectConfig, prompts: list[Prompt], store: Store, stat
             row = cached[k]
             created = row["created_at"]
             created_iso = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(created % 1 * 1000):03d}Z"
-            records += interactions_for(k, prompts[i], identity, requests[i], row["reply"], created_iso,
+            records += interactions_for(k, prompts[i], identity, sampling, row["reply"], created_iso,
                                         row["latency_s"], cfg)
     capability = teacher.capability
     if cfg.backend != "hf":

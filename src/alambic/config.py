@@ -37,9 +37,11 @@ class Config(BaseModel):
                 data = tomllib.loads(path.read_text())
             except tomllib.TOMLDecodeError as e:
                 raise ConfigError(f"config file {str(path)!r} is not valid TOML: {e}") from e
-            if section is not None and section in data and isinstance(data[section], dict):
-                data = data[section]
-            values.update(data)
+            # Top-level settings apply to every verb; a [section] table holds one verb's own settings. Tables that
+            # are not settings of this config belong to other verbs' sections and are left to them.
+            values.update({k: v for k, v in data.items() if not isinstance(v, dict) or k in cls.model_fields})
+            if section is not None and isinstance(data.get(section), dict) and section not in cls.model_fields:
+                values.update(data[section])
         values.update({k: v for k, v in overrides.items() if v is not None})
         try:
             return cls(**values)

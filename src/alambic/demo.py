@@ -8,6 +8,7 @@ set from it through several API keys with `alambic collect` (cached: a re-run pa
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import secrets
 import time
@@ -37,6 +38,15 @@ class DemoConfig(Config):
     n_keys: int = Field(4, ge=1, description="API keys the demo's collection is spread over")
     guard: bool = Field(True, description="mix the demo's traffic into simulated benign traffic and run guard detect")
     guard_scale: float = Field(0.01, gt=0, description="size of the simulated benign population (1.0 = 200k accounts)")
+
+
+def teacher_id(folder: str) -> str:
+    """A name for the served teacher that is stable across runs (the server's port is not) and changes with its
+    weights, so the cache never serves answers of an older teacher."""
+    h = hashlib.sha256()
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        h.update(f.read_bytes())
+    return f"demo:{Path(folder).name}:{h.hexdigest()[:16]}"
 
 
 async def ask_all(base_url: str, conversations: list[list[dict]], max_tokens: int, concurrency: int,
@@ -117,8 +127,9 @@ def run(cfg: DemoConfig, log: Callable[[str], None] = lambda _: None,
             collect_keys.chmod(0o600)
             log(f"collecting {cfg.n_collect} training prompts per skill from the teacher over HTTP")
             collected = collect.run(collect.CollectConfig(
-                base_url=url + "/v1", api_keys_file=str(collect_keys), task=list(tasks.SKILLS), n=cfg.n_collect,
-                max_tokens=cfg.max_tokens, top_logprobs=cfg.top_logprobs, concurrency=cfg.concurrency,
+                base_url=url + "/v1", api_keys_file=str(collect_keys), teacher_id=teacher_id(cfg.teacher),
+                task=list(tasks.SKILLS), n=cfg.n_collect, max_tokens=cfg.max_tokens, top_logprobs=cfg.top_logprobs,
+                concurrency=cfg.concurrency,
                 store=str(out / "cache.sqlite"), out=str(out / "collect" / "interactions.jsonl")), progress=progress)
     guard_result = find_demo_campaign(cfg, out, [f"acct_demo_{i}" for i in range(1, cfg.n_keys + 1)], log) \
         if cfg.guard and collected else None

@@ -75,6 +75,9 @@ class ServeConfig(Config):
     batch_wait_ms: float = Field(5.0, ge=0, description="when idle, wait this long after a request for others to batch")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="largest request body accepted (HTTP 413 above)")
     max_new_tokens_limit: int = Field(2048, ge=1, description="largest max_tokens a request may ask for")
+    fixed_response: str | None = Field(
+        None, description="benchmark mode: answer every chat request with this text without running the model"
+    )
     threads: int = Field(
         0, ge=0, description="torch CPU threads, process-wide (0: half the CPU cores, at most 8; the rest serve HTTP)"
     )
@@ -1221,6 +1224,13 @@ async def _chat(svc: Service, req: ChatRequest, event: AccessEvent) -> Response:
         raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     prompt = svc.render_chat(messages)
     max_new = svc.budget(event, prompt, req.max_completion_tokens or req.max_tokens, "messages")
+    if svc.cfg.fixed_response is not None and not req.stream:
+        # Benchmark mode: everything but the model (auth, limits, validation, tokenizing, logging) still runs.
+        event.completion_tokens = 1
+        choice = dict(index=0, message={"role": "assistant", "content": svc.cfg.fixed_response}, logprobs=None,
+                      finish_reason="stop")
+        return _reply(event, id="chatcmpl-" + event.request_id[4:], object="chat.completion", created=int(time.time()),
+                      model=svc.name, choices=[choice], usage=_usage(len(prompt), 1))
     job = svc.submit(
         req, prompt, max_new, req.temperature, req.top_p, _stops(req.stop, "stop"),
         logprobs=(req.top_logprobs or 0) if req.logprobs else None, seed=req.seed, n=req.n, stream=req.stream,

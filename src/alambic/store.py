@@ -31,7 +31,16 @@ MIGRATIONS = [
 
 def request_key(teacher: dict[str, Any], request: dict[str, Any]) -> str:
     """Content hash of (teacher identity, request): equal requests to the same teacher share one key."""
-    blob = json.dumps({"teacher": teacher, "request": request}, sort_keys=True, separators=(",", ":"))
+    return request_key_prefixed(teacher_prefix(teacher), request)
+
+
+def teacher_prefix(teacher: dict[str, Any]) -> str:
+    """The teacher's part of every key, serialised once per run (keys are computed for millions of prompts)."""
+    return json.dumps(teacher, sort_keys=True, separators=(",", ":")) + "\n"
+
+
+def request_key_prefixed(prefix: str, request: dict[str, Any]) -> str:
+    blob = prefix + json.dumps(request, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -84,6 +93,16 @@ class Store:
         row = (key, json.dumps(teacher), json.dumps(request), json.dumps(reply), time.time(), latency_s)
         with self.lock:
             self.db.execute("INSERT OR IGNORE INTO responses VALUES (?, ?, ?, ?, ?, ?)", row)
+
+    def put_many(self, rows: Iterable[tuple[str, dict, dict, dict, float | None]]) -> int:
+        """Store (key, teacher, request, reply, latency_s) rows in one transaction (merging shards, imports)."""
+        now = time.time()
+        data = [(k, json.dumps(t), json.dumps(q), json.dumps(r), now, lat) for k, t, q, r, lat in rows]
+        with self.lock:
+            self.db.execute("BEGIN")
+            self.db.executemany("INSERT OR IGNORE INTO responses VALUES (?, ?, ?, ?, ?, ?)", data)
+            self.db.execute("COMMIT")
+        return len(data)
 
     def __len__(self) -> int:
         with self.lock:

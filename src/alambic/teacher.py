@@ -22,7 +22,7 @@ from pydantic import Field
 
 from . import __version__, tasks
 from .config import Config
-from .modeling import PRESETS, build_model, char_tokenizer, chat_generate, n_params
+from .modeling import PRESETS, build_model, char_tokenizer, chat_generate, load, n_params
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +32,13 @@ class TeacherConfig(Config):
 
     out: str = Field("models/demo-teacher", description="output directory (an HF model directory)")
     preset: str = Field("teacher", description=f"model shape, one of: {', '.join(PRESETS)}")
+    init: str | None = Field(None, description="continue from this model directory instead of a fresh model")
     skills: list[str] = Field(default_factory=lambda: list(tasks.SKILLS), description="skills to train on")
     n_train: int = Field(20000, gt=0, description="training examples per skill")
     n_eval: int = Field(200, gt=0, description="held-out examples per skill for the final evaluation")
     steps: int = Field(1500, gt=0, description="optimiser steps")
-    batch_size: int = Field(64, gt=0, description="sequences per step")
+    batch_size: int = Field(16, gt=0, description="packed rows per step")
+    seq_len: int = Field(512, gt=8, description="tokens per packed row")
     lr: float = Field(2e-3, gt=0, description="peak learning rate (cosine decay to 10%)")
     warmup: int = Field(100, ge=0, description="linear warm-up steps")
     weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay on matrices")
@@ -55,27 +57,28 @@ def encode(tokenizer, messages: list[dict[str, str]], reply: str) -> tuple[list[
     return ids, [-100] * len(prompt_ids) + ids[len(prompt_ids) :]
 
 
-def batches(data: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int, rng: random.Random):
-    """Endless stream of padded (input_ids, labels, attention_mask) batches, length-bucketed to cut padding."""
+def packed_batches(data: list[tuple[list[int], list[int]]], seq_len: int, rows: int, rng: random.Random):
+    """Endless stream of (input_ids, labels) batches of shape (rows, seq_len): shuffled examples packed end to end.
+
+    Packing wastes no compute on padding and, unlike length-bucketing, mixes every skill into every batch
+    (a batch of one skill at a time made the loss oscillate between skills in our first runs). Examples may
+    attend to the ones before them in a row; the role tokens tell the model where one ends.
+    """
+    ids_buf: list[int] = []
+    lab_buf: list[int] = []
+    n = seq_len * rows
     while True:
         order = list(range(len(data)))
         rng.shuffle(order)
-        chunk = batch_size * 50
-        for c in range(0, len(order), chunk):
-            part = sorted(order[c : c + chunk], key=lambda i: len(data[i][0]))
-            groups = [part[g : g + batch_size] for g in range(0, len(part), batch_size)]
-            rng.shuffle(groups)
-            for g in groups:
-                width = max(len(data[i][0]) for i in g)
-                ids = torch.full((len(g), width), pad_id)
-                labels = torch.full((len(g), width), -100)
-                mask = torch.zeros((len(g), width), dtype=torch.long)
-                for r, i in enumerate(g):
-                    x, y = data[i]
-                    ids[r, : len(x)] = torch.tensor(x)
-                    labels[r, : len(y)] = torch.tensor(y)
-                    mask[r, : len(x)] = 1
-                yield ids, labels, mask  # (B, T) each
+        for i in order:
+            ids_buf += data[i][0]
+            lab_buf += data[i][1]
+            if len(ids_buf) >= n:
+                ids = torch.tensor(ids_buf[:n]).view(rows, seq_len)
+                labels = torch.tensor(lab_buf[:n]).view(rows, seq_len)
+                labels[:, 0] = -100  # its context was cut off at the row boundary
+                ids_buf, lab_buf = ids_buf[n:], lab_buf[n:]
+                yield ids, labels  # (rows, seq_len) each
 
 
 def skill_accuracy(model, tokenizer, examples: list[tasks.Example], max_new_tokens: int = 160) -> dict[str, float]:
@@ -97,8 +100,12 @@ def run(cfg: TeacherConfig, progress: Callable[[dict], None] | None = None) -> d
         torch.set_num_threads(cfg.threads)
     t0 = time.time()
     rng = random.Random(cfg.seed)
-    tokenizer = char_tokenizer()
-    model = build_model(cfg.preset, tokenizer, seed=cfg.seed)
+    if cfg.init:
+        model, tokenizer = load(cfg.init)
+        model.train()
+    else:
+        tokenizer = char_tokenizer()
+        model = build_model(cfg.preset, tokenizer, seed=cfg.seed)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
 
@@ -122,19 +129,19 @@ def run(cfg: TeacherConfig, progress: Callable[[dict], None] | None = None) -> d
         return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
     curve: list[dict] = []
-    stream = batches(data, cfg.batch_size, tokenizer.pad_token_id, rng)
+    stream = packed_batches(data, cfg.seq_len, cfg.batch_size, rng)
     tokens = 0
     model.train()
     for step in range(cfg.steps):
-        ids, labels, mask = next(stream)
+        ids, labels = next(stream)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss = model(input_ids=ids, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        tokens += int(mask.sum())
+        tokens += ids.numel()
         if step % 50 == 0 or step == cfg.steps - 1:
             point = {"step": step, "loss": round(loss.item(), 4), "lr": lr_at(step), "tokens": tokens,
                      "elapsed_s": round(time.time() - t0, 1)}
@@ -168,6 +175,13 @@ def run(cfg: TeacherConfig, progress: Callable[[dict], None] | None = None) -> d
             f"--{k.replace('_', '-')} {v}" for k, v in cfg.model_dump(exclude_defaults=True).items()
         ),
     }
+    if cfg.init and (Path(cfg.init) / "manifest.json").exists():
+        # The model's whole history: the run(s) it continued from, with their commands and times.
+        before = json.loads((Path(cfg.init) / "manifest.json").read_text())
+        manifest["continued_from"] = {k: before.get(k) for k in ("command", "train_seconds", "train_tokens_seen",
+                                                                 "heldout_accuracy", "continued_from")}
+        manifest["total_train_seconds"] = round(elapsed + (before.get("total_train_seconds")
+                                                           or before.get("train_seconds") or 0), 1)
     out = Path(cfg.out)
     save(model, tokenizer, cfg, out, manifest)
     (out / "curve.jsonl").write_text("".join(json.dumps(p) + "\n" for p in curve))

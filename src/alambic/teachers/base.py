@@ -23,10 +23,13 @@ class TeacherSpec(BaseModel):
                              "(default: OPENAI_API_KEY or ANTHROPIC_API_KEY by backend)")
     api_keys_file: str | None = Field(None, description="file with one API key per line (first word of a line)")
     timeout_s: float = Field(120.0, gt=0, description="per-request timeout in seconds")
+    teacher_id: str | None = Field(None, description="stable name of the teacher for cache keys, instead of its URL "
+                                   "(for a local server whose port changes between runs)")
 
     def identity(self) -> dict[str, Any]:
         """Who the teacher is, for records and cache keys: no secrets."""
-        return {"backend": self.backend, "base_url": self.base_url.rstrip("/"), "model": self.model}
+        where = {"teacher_id": self.teacher_id} if self.teacher_id else {"base_url": self.base_url.rstrip("/")}
+        return {"backend": self.backend, **where, "model": self.model}
 
     def keys(self) -> list[str]:
         """The API keys to use, from the key file and/or the environment; [] when none is configured."""
