@@ -32,6 +32,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests bench
 
 bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'  # TRL: the baseline of bench/train.py
 	for b in bench/*.py; do $(BIN)/python $$b --quick || exit 1; done
 
 # Re-make the shipped demo teacher (see models/demo-teacher/manifest.json for the time it took).

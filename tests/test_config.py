@@ -33,7 +33,7 @@ def test_every_verb_has_help():
     runner = CliRunner()
     res = runner.invoke(app, ["--help"])
     assert res.exit_code == 0
-    verbs = ["demo", "serve", "teacher", "collect", "guard"]
+    verbs = ["demo", "serve", "teacher", "collect", "guard", "train"]
     for verb in verbs:
         assert verb in res.output
         sub = runner.invoke(app, [verb, "--help"])

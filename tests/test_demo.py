@@ -28,7 +28,7 @@ def test_demo_pipeline_on_tiny_model(tiny_model_dir, tmp_path):
     g = result["guard"]
     assert g["demo_accounts"] == 3 and g["benign_accounts"] > 0
     # A re-run pays for nothing: the collection comes from the cache.
-    again = run(cfg)
+    again = run(cfg.model_copy(update={"guard": False}))
     assert again["collect"]["requests_sent"] == 0 and again["collect"]["from_cache"] == 30
 
 

@@ -182,6 +182,15 @@ def _collect(cfg):
     print_collect(m)
 
 
+def _train(cfg):
+    from .train.trainer import run
+
+    with console.status("training the student") as status:
+        m = run(cfg, progress=lambda p: status.update(
+            "step {} loss {}".format(p.get("step"), p.get("loss", p.get("train_loss", "?")))))
+    print_summary("student", {k: m[k] for k in m if k not in ("config",)})
+
+
 def _demo(cfg):
     from .demo import run
 
@@ -233,6 +242,10 @@ def _register() -> None:
             help="Serve any HF causal LM (directory or .gguf) with an OpenAI- and Anthropic-compatible API.")
     command(app, "collect", CollectConfig, _collect,
             help="Ask a teacher many prompts: concurrent, rate-limited, cached, resumable, budgeted.")
+    from .train.trainer import TrainConfig
+
+    command(app, "train", TrainConfig, _train,
+            help="Train a student on teacher interactions: sft, forward/reverse KL, JSD (full or top-k), on-policy.")
     from .guard.detect import DetectConfig
     from .guard.robustness import RobustnessConfig
     from .guard.score import ScoreConfig

@@ -64,11 +64,13 @@ def topk_buckets(student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs: 
     """Teacher and student log-probs over k + 1 buckets: the teacher's top-k tokens and the tail.
 
     student_logits (B, T, V); teacher_ids (B, T, k) long; teacher_logprobs (B, T, k) log-probs of those tokens in
-    the teacher's full distribution. Returns (log_t, log_s), each (B, T, k + 1).
+    the teacher's full distribution (-inf marks an unused slot). Returns (log_t, log_s), each (B, T, k + 1).
     """
     log_s_all = F.log_softmax(_upcast(student_logits), dim=-1)  # (B, T, V)
-    log_s_k = log_s_all.gather(-1, teacher_ids)  # (B, T, k)
-    log_t_k = teacher_logprobs.to(log_s_k.dtype)
+    log_t_k = teacher_logprobs.to(log_s_all.dtype)
+    # A slot with teacher logprob -inf is unused (fewer than k alternatives were reported there): an empty bucket on
+    # both sides. Its id must repeat one of the position's real ids, so that the tail's scatter below stays exact.
+    log_s_k = log_s_all.gather(-1, teacher_ids).masked_fill(log_t_k == float("-inf"), float("-inf"))  # (B, T, k)
     # The student's tail: its mass outside the teacher's top-k, summed directly (not 1 − Σ top-k, which rounds to
     # a spurious tiny mass when k = V). Only the student side is dense: it is anyway.
     log_s_tail = torch.logsumexp(log_s_all.scatter(-1, teacher_ids, float("-inf")), -1, keepdim=True)  # (B, T, 1)
