@@ -124,15 +124,17 @@ def test_cache_reuse_rerun_extend_and_unrelated_options(tiny_server, tmp_path, k
 
 
 def test_retries_on_429_500_timeout_and_retry_after(tiny_server, tmp_path, key_env):
-    faults = [("429", 1), ("500", None), ("timeout", 3), ("500", None)]
+    faults = [("429", 1), ("500", None), ("timeout", 6), ("500", None)]
     with proxy(tiny_server.base_url, faults) as (url, seen):
         t0 = time.monotonic()
         m = collect.run(
-            cfg_for(tiny_server, tmp_path, base_url=url + "/v1", n=6, concurrency=1, timeout_s=1.0, backoff_s=0.05)
+            cfg_for(tiny_server, tmp_path, base_url=url + "/v1", n=6, concurrency=1, timeout_s=3.0, backoff_s=0.05)
         )
         elapsed = time.monotonic() - t0
     assert m["records"] == 6 and m["errors"] == 0
-    assert m["retries"] == 4 and m["requests_sent"] == 10
+    assert [k for _, k in seen if k != "ok"] == ["429", "500", "timeout", "500"]  # every fault was hit and retried
+    # A loaded machine can push a normal request past the timeout too: that only adds retries.
+    assert m["retries"] >= 4 and m["requests_sent"] == 6 + m["retries"]
     # Retry-After: 1 was honoured: the request after the 429 came at least a second later.
     t429 = next(t for t, k in seen if k == "429")
     assert next(t for t, k in seen if t > t429) - t429 >= 0.95
