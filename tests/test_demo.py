@@ -36,3 +36,10 @@ def test_demo_missing_teacher_is_a_clear_error(tmp_path):
     res = CliRunner().invoke(app, ["demo", "--teacher", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
     assert res.exit_code == 2
     assert "not found" in res.output and "make teacher" in res.output
+
+
+def test_demo_cli_prints_summary(tiny_model_dir, tmp_path):
+    res = CliRunner().invoke(app, ["demo", "--teacher", str(tiny_model_dir), "--out", str(tmp_path / "d"),
+                                   "--n-eval", "1", "--n-collect", "2", "--max-tokens", "8", "--no-guard"])
+    assert res.exit_code == 0, res.output
+    assert "held-out accuracy" in res.output and "collected from" in res.output and "demo finished" in res.output

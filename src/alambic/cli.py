@@ -159,7 +159,8 @@ def collect_progress():
 
 
 def print_collect(m: dict) -> None:
-    table = Table(title=f"collected from {m['teacher']['model']} at {m['teacher']['base_url']}")
+    where = m['teacher'].get('base_url') or m['teacher'].get('teacher_id')
+    table = Table(title=f"collected from {m['teacher']['model']} at {where}")
     for k in ("prompts", "records", "from_cache", "requests_sent", "retries", "errors", "prompt_tokens",
               "completion_tokens", "spent_usd", "capability", "elapsed_s"):
         table.add_row(k, str(m[k]))
