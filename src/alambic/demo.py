@@ -133,11 +133,7 @@ def run(cfg: DemoConfig, log: Callable[[str], None] = lambda _: None,
                 store=str(out / "cache.sqlite"), out=str(out / "collect" / "interactions.jsonl")), progress=progress)
     guard_result = find_demo_campaign(cfg, out, [f"acct_demo_{i}" for i in range(1, cfg.n_keys + 1)], log) \
         if cfg.guard and collected else None
-    hits: dict[str, list[bool]] = {}
-    for ex, reply in zip(heldout, replies, strict=True):
-        hits.setdefault(ex.skill, []).append(tasks.get(ex.skill).grade(reply, ex.reference))
-    acc = {k: sum(v) / len(v) for k, v in hits.items()}
-    acc["mean"] = sum(acc.values()) / len(acc)
+    acc = tasks.accuracy(heldout, replies)
     result = {"alambic_version": __version__, "teacher": cfg.teacher, "teacher_url": url, "teacher_accuracy": acc,
               "n_prompts": len(heldout), "eval_seconds": round(eval_s, 1), "collect": collected, "guard": guard_result,
               "seconds": round(time.time() - t0, 1)}

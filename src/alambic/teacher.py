@@ -84,12 +84,7 @@ def packed_batches(data: list[tuple[list[int], list[int]]], seq_len: int, rows: 
 def skill_accuracy(model, tokenizer, examples: list[tasks.Example], max_new_tokens: int = 160) -> dict[str, float]:
     """Held-out accuracy per skill under greedy decoding, plus the macro average under 'mean'."""
     replies = chat_generate(model, tokenizer, [ex.messages for ex in examples], max_new_tokens=max_new_tokens)
-    hits: dict[str, list[bool]] = {}
-    for ex, reply in zip(examples, replies, strict=True):
-        hits.setdefault(ex.skill, []).append(tasks.get(ex.skill).grade(reply, ex.reference))
-    acc = {k: sum(v) / len(v) for k, v in hits.items()}
-    acc["mean"] = sum(acc.values()) / len(acc)
-    return acc
+    return tasks.accuracy(examples, replies)
 
 
 def run(cfg: TeacherConfig, progress: Callable[[dict], None] | None = None) -> dict:

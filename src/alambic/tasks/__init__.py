@@ -32,4 +32,14 @@ def generate(names: list[str] | None, n_per_skill: int, split: str, seed: int = 
     return [ex for name in (names or list(SKILLS)) for ex in get(name).generate(n_per_skill, split, seed)]
 
 
-__all__ = ["SKILLS", "Example", "Skill", "generate", "get", "split_of"]
+def accuracy(examples: list[Example], replies: list[str]) -> dict[str, float]:
+    """Accuracy per skill of `replies` to `examples`, plus the macro average under 'mean'."""
+    hits: dict[str, list[bool]] = {}
+    for ex, reply in zip(examples, replies, strict=True):
+        hits.setdefault(ex.skill, []).append(get(ex.skill).grade(reply, ex.reference))
+    acc = {k: sum(v) / len(v) for k, v in hits.items()}
+    acc["mean"] = sum(acc.values()) / len(acc)
+    return acc
+
+
+__all__ = ["SKILLS", "Example", "Skill", "accuracy", "generate", "get", "split_of"]
