@@ -34,7 +34,8 @@ app = typer.Typer(
 )
 teacher_app = typer.Typer(help="Make the demo teacher model.", no_args_is_help=True)
 app.add_typer(teacher_app, name="teacher")
-guard_app = typer.Typer(help="The provider's side: find distillation campaigns in API access logs.",
+guard_app = typer.Typer(help="The provider's side: find distillation campaigns in API access logs, watermark "
+                        "outputs, test a suspect's provenance.",
                         no_args_is_help=True)
 app.add_typer(guard_app, name="guard")
 
@@ -216,7 +217,7 @@ def print_summary(title: str, result: dict) -> None:
     out.print_json(data=result, default=str)
 
 
-def _guard(stage: str):
+def _guard(stage: str, fn: str = "run"):
     def main(cfg):
         import importlib
 
@@ -224,10 +225,10 @@ def _guard(stage: str):
 
         module = importlib.import_module(f".guard.{stage}", __package__)
         try:
-            result = module.run(cfg)
+            result = getattr(module, fn)(cfg)
         except LogError as e:
             raise ValueError(str(e)) from None
-        print_summary(f"guard {stage}", result)
+        print_summary(f"guard {stage}" + (f" {fn}" if fn != "run" else ""), result)
 
     return main
 
@@ -260,6 +261,17 @@ def _register() -> None:
             help="Score a detection against ground-truth labels, beside two baselines (volume, PRADA).")
     command(guard_app, "robustness", RobustnessConfig, _guard("robustness"),
             help="Recall and false-positive rate as each evasion knob of the simulation is turned.")
+    from .guard.provenance import ProvenanceConfig
+    from .guard.watermark import KeygenConfig, WatermarkScoreConfig
+
+    watermark_app = typer.Typer(help="Green-list watermark: make a key, score a text.", no_args_is_help=True)
+    guard_app.add_typer(watermark_app, name="watermark")
+    command(watermark_app, "keygen", KeygenConfig, _guard("watermark", "keygen"),
+            help="Write a new watermark key file for `alambic serve --watermark-key-file`.")
+    command(watermark_app, "score", WatermarkScoreConfig, _guard("watermark", "score"),
+            help="Is this text watermarked with our key? z-score and exact binomial p-value.")
+    command(guard_app, "provenance", ProvenanceConfig, _guard("provenance"),
+            help="Was this suspect model trained on our watermarked outputs? Radioactivity test with a null check.")
     command(app, "demo", DemoConfig, _demo, help="Run the main job offline on the embedded demo teacher.")
 
 

@@ -81,6 +81,10 @@ class ServeConfig(Config):
     threads: int = Field(
         0, ge=0, description="torch CPU threads, process-wide (0: half the CPU cores, at most 8; the rest serve HTTP)"
     )
+    watermark_key_file: str | None = Field(
+        None, description="watermark every completion with this key file (`alambic guard watermark keygen`); "
+        "default: off"
+    )
 
 
 # --- API keys, rate limits, access log ------------------------------------------------------------------------------
@@ -470,8 +474,9 @@ class Engine:
     When idle, the worker waits `batch_wait_ms` after the first job so that a burst is prefilled together.
     """
 
-    def __init__(self, model, tokenizer, max_batch: int = 32, batch_wait_ms: float = 5.0) -> None:
+    def __init__(self, model, tokenizer, max_batch: int = 32, batch_wait_ms: float = 5.0, watermark=None) -> None:
         self.model = model
+        self.watermark = watermark  # guard.watermark.Watermark or None
         # The event loop tokenizes prompts while this thread decodes; a private copy avoids sharing the Rust object.
         self.tokenizer = copy.deepcopy(tokenizer)
         self.max_batch = max_batch
@@ -710,6 +715,13 @@ class Engine:
 
     def _sample(self, rows: list[Row], logits: torch.Tensor) -> None:
         """Choose each row's next token (greedy or temperature / top-k / top-p with the row's own generator)."""
+        if self.watermark is not None:
+            # Green-list bias on every row (Kirchenbauer et al., 2023), before anything reads the logits: the
+            # reported logprobs are those of the distribution actually served, so a student distilled on them
+            # (top-k KL) inherits the watermark as one trained on the sampled text does.
+            k = self.watermark.params.context_width
+            contexts = [(r.job.prompt_ids[-k:] + r.ids)[-k:] for r in rows]
+            logits = logits + self.watermark.bias(contexts, logits.shape[-1]).to(logits.device)
         k_max = max((r.job.sampling.logprobs or 0) for r in rows)
         want_lp = any(r.job.sampling.logprobs is not None for r in rows)
         logp = torch.log_softmax(logits, -1) if want_lp else None  # of the raw logits, as OpenAI reports them
@@ -894,7 +906,15 @@ class Service:
         self.name = cfg.served_name or model_name(cfg.model)
         text_config = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else None
         self.context = getattr(text_config or self.model.config, "max_position_embeddings", None)
-        self.engine = Engine(self.model, self.tokenizer, cfg.max_batch, cfg.batch_wait_ms)
+        self.watermark = None
+        if cfg.watermark_key_file is not None:
+            from .guard.watermark import Watermark
+
+            head = self.model.get_output_embeddings()
+            width = head.weight.shape[0] if head is not None else self.model.config.vocab_size  # the logits' width
+            self.watermark = Watermark.from_file(cfg.watermark_key_file, width)
+            log.info("watermarking completions: %r", self.watermark)  # fingerprint and settings, never the key
+        self.engine = Engine(self.model, self.tokenizer, cfg.max_batch, cfg.batch_wait_ms, self.watermark)
         self.token_text = TokenText(self.tokenizer)
         self.limiter = RateLimiter()
         self.access_log = AccessLog(cfg.access_log)
