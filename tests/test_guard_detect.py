@@ -86,3 +86,32 @@ def test_robust_z_uses_the_bulk():
     x = np.r_[np.zeros(95), np.full(5, 10.0)]
     z = detect.robust_z(x + np.linspace(0, 0.1, 100))
     assert z[:95].max() < 3 < z[95:].min()
+
+
+def test_small_heavy_campaign_among_small_benign_accounts_flags_no_benign(tmp_path):
+    """The demo's shape: two days of mostly tiny benign accounts, plus a few keys sending thousands of templated
+    skill prompts with logprobs. Shrinking tiny accounts towards the pooled rate (which that campaign inflates) once
+    flagged ~1% of the benign accounts; none may be flagged, and the keys must form one campaign."""
+    from alambic import tasks
+
+    sim = simulate.run(simulate.SimulateConfig(out=str(tmp_path / "b"), scale=0.004, days=2, campaigns=[], seed=1))
+    prompts = [ex.prompt for ex in tasks.generate(None, 120, "train", seed=0)]
+    rows = []
+    for k in range(4):
+        for i in range(600):
+            ts = f"2026-03-03T23:{(i // 60) % 60:02d}:{i % 60:02d}.{k:03d}Z"
+            rows.append(json.dumps({
+                "ts": ts, "account_id": f"acct_bulk_{k}", "api_key_id": f"key_bulk_{k}", "ip": "203.0.113.7",
+                "user_agent": "python-httpx/0.28.1", "model": "teacher-x",
+                "prompt": prompts[(i * 4 + k) % len(prompts)],
+                "n_messages": 1, "max_tokens": 160, "temperature": 0.0, "logprobs_requested": True,
+            }))  # fmt: skip
+    (tmp_path / "bulk.jsonl").write_text("\n".join(rows) + "\n")
+    res = detect.run(
+        detect.DetectConfig(logs=[sim["files"]["jsonl"], str(tmp_path / "bulk.jsonl")], out=str(tmp_path / "d"))
+    )
+    acc = pq.read_table(tmp_path / "d" / "accounts.parquet", columns=["account_id", "flagged", "campaign"]).to_pylist()
+    bulk = [a for a in acc if a["account_id"].startswith("acct_bulk_")]
+    benign_flagged = [a["account_id"] for a in acc if a["flagged"] and not a["account_id"].startswith("acct_bulk_")]
+    assert res["accounts"] > 500 and benign_flagged == []
+    assert all(a["flagged"] for a in bulk) and len({a["campaign"] for a in bulk}) == 1
