@@ -211,6 +211,47 @@ def _demo(cfg):
     out.print(f"demo finished in {result['seconds']:.0f}s; outputs in {cfg.out}")
 
 
+def _fmt_pct(x) -> str:
+    return "—" if x is None else f"{100 * x:.1f}%"
+
+
+def print_evaluation(r: dict) -> None:
+    """Teacher and student side by side: accuracy per skill (95% CI), fidelity, size and speed."""
+    t, s = r["teacher"], r["student"]
+    table = Table(title=f"student vs teacher on {r['n']} held-out prompts")
+    for col in ("", "teacher", "student", "student 95% CI"):
+        table.add_column(col, justify="right" if col else "left")
+    for g in t["accuracy"]:
+        ci = s["accuracy"][g].get("ci95")
+        table.add_row(g, _fmt_pct(t["accuracy"][g]["accuracy"]), _fmt_pct(s["accuracy"][g]["accuracy"]),
+                      f"{_fmt_pct(ci[0])}–{_fmt_pct(ci[1])}" if ci else "", style="bold" if g == "mean" else None)
+    table.add_row("parameters", f"{t['parameters']:,}" if t["parameters"] else "—",
+                  f"{s['parameters']:,}" if s["parameters"] else "—", "")
+    table.add_row("tokens/s", str(t["speed"]["tokens_per_s"]), str(s["speed"]["tokens_per_s"]), "")
+    table.add_row("latency p50 (s)", str(t["speed"]["latency_p50_s"]), str(s["speed"]["latency_p50_s"]), "")
+    out.print(table)
+    f, q = r["fidelity"], r["ratios"]
+    out.print(f"agreement with the teacher {_fmt_pct(f['agreement'])}, held-out token KL {f['token_kl']}; "
+              f"accuracy kept {_fmt_pct(q['accuracy_kept'])} at {q['parameters']}x the parameters, "
+              f"{q['speedup_tokens_per_s']}x the tokens/s")
+
+
+def _evaluate(cfg):
+    from .evaluate import run
+
+    with console.status("evaluating") as status:
+        r = run(cfg, log=status.update)
+    print_evaluation(r)
+    out.print(f"details: {cfg.out}/evaluation.json, {cfg.out}/replies.jsonl")
+
+
+def _report(cfg):
+    from .report import run
+
+    r = run(cfg)
+    out.print(f"report: {r['html']} (Markdown twin: {r['markdown']}); sections: {', '.join(r['sections'])}")
+
+
 def print_summary(title: str, result: dict) -> None:
     """A stage's summary dict, as indented JSON under a title."""
     out.rule(title)
@@ -248,6 +289,14 @@ def _register() -> None:
 
     command(app, "train", TrainConfig, _train,
             help="Train a student on teacher interactions: sft, forward/reverse KL, JSD (full or top-k), on-policy.")
+    from .evaluate import EvaluateConfig
+
+    command(app, "evaluate", EvaluateConfig, _evaluate,
+            help="Student beside teacher on held-out prompts: accuracy (95% CI), agreement, token KL, size, speed.")
+    from .report import ReportConfig
+
+    command(app, "report", ReportConfig, _report,
+            help="One self-contained HTML page (and a Markdown twin) with plots about a run directory.")
     from .guard.detect import DetectConfig
     from .guard.robustness import RobustnessConfig
     from .guard.score import ScoreConfig

@@ -29,4 +29,8 @@ class ListOps(Skill):
         t = rng.randint(10, self.max_value - 10)
         prompt = template.format(xs=" ".join(map(str, xs)), t=t)
         result = " ".join(map(str, fn(xs, t))) or "none"
-        return prompt, result, f"Answer: {result}"
+        # Filters get one verdict per element ("55 no"), so the answer is a copy of the "yes" lines;
+        # sorts and max have no such local steps and answer directly.
+        test = {"evens": lambda x: x % 2 == 0, "above": lambda x: x > t}.get(op)
+        steps = [f"{x} {'yes' if test(x) else 'no'}" for x in xs] if test else []
+        return prompt, result, "\n".join(steps + [f"Answer: {result}"])

@@ -17,11 +17,14 @@ class Program(Skill):
     def __init__(self, min_lines: int = 3, max_lines: int = 5, max_value: int = 99):
         self.min_lines, self.max_lines, self.max_value = min_lines, max_lines, max_value
 
-    def _statement(self, rng: random.Random, env: dict[str, int]) -> tuple[str, int] | None:
+    def _statement(self, rng: random.Random, env: dict[str, int]) -> tuple[str, str, int] | None:
+        """(statement, its trace line, value). The trace substitutes the operands' current values first
+        ("a = b + 3 = 7 + 3 = 10"), so each step is one look-up and one operation: small models learn
+        that far more easily than a bare "a = 10", which hides both in a single token."""
         var = rng.choice(VARS)
         if not env or rng.random() < 0.25:
             v = rng.randint(0, 9)
-            return f"{var} = {v}", v
+            return f"{var} = {v}", f"{var} = {v}", v
         src = rng.choice(sorted(env))
         op = rng.choice("+-*")
         if op == "*":
@@ -29,13 +32,14 @@ class Program(Skill):
             if env[src] > 9:
                 return None
             k = rng.randint(2, 9)
-            return f"{var} = {src} * {k}", env[src] * k
+            return f"{var} = {src} * {k}", f"{var} = {src} * {k} = {env[src]} * {k} = {env[src] * k}", env[src] * k
         other = rng.choice(sorted(env) + ["lit"])
         rhs, value = (str(k := rng.randint(1, 9)), k) if other == "lit" else (other, env[other])
         result = env[src] + value if op == "+" else env[src] - value
         if not 0 <= result <= self.max_value:
             return None
-        return f"{var} = {src} {op} {rhs}", result
+        text = f"{var} = {src} {op} {rhs}"
+        return text, f"{text} = {env[src]} {op} {value} = {result}", result
 
     def sample(self, rng: random.Random) -> tuple[str, str, str]:
         while True:
@@ -45,11 +49,10 @@ class Program(Skill):
                 st = None
                 while st is None:
                     st = self._statement(rng, env)
-                text, value = st
-                var = text.split(" = ")[0]
-                env[var] = value
+                text, step, value = st
+                env[text.split(" = ")[0]] = value
                 lines.append(text)
-                trace.append(f"{var} = {value}")
+                trace.append(step)
             out = rng.choice(sorted(env))
             lines.append(f"print({out})")
             program = "\n".join(lines)

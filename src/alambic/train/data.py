@@ -144,8 +144,8 @@ def encode_record(tokenizer, record: dict, table: dict[str, int] | None, k: int 
     meta = record.get("meta") or {}
     if table is None:
         return Example(ids=ids[:max_len], prompt_len=min(prompt_len, max_len), meta=meta)
-    lps = record.get("logprobs")
-    if not lps:
+    lps = record.get("logprobs") or []
+    if not lps and record["completion"]:  # an empty answer rightly has none
         raise ValueError(
             f"record {record.get('id')!r} has no logprobs; collect with --top-logprobs K, use a local "
             "--teacher for logit losses, or use --loss sft"
@@ -165,7 +165,7 @@ def encode_record(tokenizer, record: dict, table: dict[str, int] | None, k: int 
             "teacher's tokenizer differs from the student's), so its logprobs cannot be aligned; use --loss sft"
         )
     completion = chosen + suffix
-    k = k or max(len(t.get("top") or []) for t in lps)
+    k = k or max((len(t.get("top") or []) for t in lps), default=1)
     top_ids = np.zeros((len(completion), k + 1), np.int32)
     top_lp = np.full((len(completion), k + 1), -np.inf, np.float32)
     for i, tok in enumerate(completion):
