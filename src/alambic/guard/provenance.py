@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 from pydantic import Field
-from scipy.stats import kstest
+from scipy.stats import binom, kstest
 
 from .. import __version__, collect
 from ..config import Config
@@ -51,7 +51,8 @@ class ProvenanceConfig(Config):
     samples: int = Field(1, gt=0, description="completions per prompt")
     temperature: float = Field(1.0, ge=0, description="sampling temperature of the suspect")
     max_tokens: int = Field(128, gt=0, description="max tokens per completion")
-    seed: int = Field(0, description="sampling seed sent with each request, and seed of the null check's keys")
+    seed: int = Field(0, description="seed of the null check's random keys (requests carry no seed: one seed sent "
+                      "with every prompt would make all completions share their random draws)")
     concurrency: int = Field(32, gt=0, description="requests in flight at once")
     threads: int = Field(0, ge=0, description="torch CPU threads for a local suspect (0: the server's default)")
     # scoring
@@ -84,7 +85,7 @@ def generate(cfg: ProvenanceConfig, out: Path) -> tuple[Path, dict]:
     path = out / "suspect.jsonl"
     spec = dict(prompts=cfg.prompts, task=[] if cfg.prompts else (cfg.task or list(_skills())), n=cfg.n,
                 split=cfg.split, prompt_seed=cfg.prompt_seed, samples=cfg.samples, temperature=cfg.temperature,
-                max_tokens=cfg.max_tokens, seed=cfg.seed, concurrency=cfg.concurrency,
+                max_tokens=cfg.max_tokens, concurrency=cfg.concurrency,
                 store=str(out / "cache.sqlite"), out=str(path))
     if _is_url(cfg.suspect):
         manifest = collect.run(collect.CollectConfig(base_url=cfg.suspect, model=cfg.suspect_model,
@@ -121,15 +122,19 @@ def seen_contexts(files: list[str], tokenizer, k: int) -> set[tuple[int, ...]]:
 
 def null_check(sel: W.Selection, params: W.WatermarkParams, vocab_size: int, p_true: float, n_keys: int,
                alpha: float, seed: int = 0) -> dict:
-    """Score the same pairs with `n_keys` random keys: under the null their p-values are uniform (KS test), about
-    `alpha` of them fall below `alpha`, and the true key ranks among them as its own (permutation) p-value."""
-    ps = np.array([
-        W.binomial_test(W.green_count(W.Watermark(key, params, vocab_size), sel.pairs), len(sel.pairs),
-                        params.gamma)["p_value"]
-        for key in W.random_keys(n_keys, seed)
-    ])
+    """Score the same pairs with `n_keys` random keys: under the null their p-values are uniform (KS test), at most
+    about `alpha` of them fall below `alpha`, and the true key ranks among them as its own (permutation) p-value.
+
+    A binomial p-value is discrete (few distinct values when few pairs are scored), and the KS test assumes a
+    continuous law, so uniformity is tested on randomized p-values P[X > g] + U P[X = g], U ~ U(0, 1), which are
+    exactly uniform under the null; the false-positive rate and the rank use the exact p-values users see."""
+    n, gamma = len(sel.pairs), params.gamma
+    greens = np.array([W.green_count(W.Watermark(key, params, vocab_size), sel.pairs)
+                       for key in W.random_keys(n_keys, seed)])
+    ps = binom.sf(greens - 1, n, gamma) if n else np.ones(n_keys)
+    randomized = binom.sf(greens, n, gamma) + np.random.default_rng(seed).random(n_keys) * binom.pmf(greens, n, gamma)
     rank = 1 + int((ps <= p_true).sum())  # 1: the true key beats every random key
-    ks = kstest(ps, "uniform")
+    ks = kstest(randomized, "uniform")
     return {"keys": n_keys, "true_key_rank": rank, "rank_p_value": round(rank / (n_keys + 1), 6),
             "ks_statistic": round(float(ks.statistic), 4), "ks_p_value": round(float(ks.pvalue), 6),
             "alpha": alpha, "false_positive_rate": round(float((ps < alpha).mean()), 4),

@@ -1,0 +1,53 @@
+"""`guard provenance` end to end: suspects as a local model directory and as an OpenAI-compatible endpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from alambic.guard import provenance as P
+from alambic.guard import watermark as W
+from alambic.serve import ServeConfig, serve_in_thread
+
+KEY = "provenance-test-key-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def key_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prov") / "wm.key"
+    W.write_key(path, W.WatermarkParams(context_width=1, gamma=0.25, delta=4.0), key=KEY)
+    return path
+
+
+def cfg(suspect, key_file, out, **kw) -> P.ProvenanceConfig:
+    return P.ProvenanceConfig(suspect=str(suspect), key_file=str(key_file), n=4, max_tokens=32, threads=1,
+                              out=str(out), **kw)
+
+
+def test_endpoint_serving_our_watermarked_outputs_is_caught(tiny_model_dir, key_file, tmp_path):
+    """A suspect endpoint that passes our watermarked outputs on: tiny p-value, the true key ranks first."""
+    serve = ServeConfig(model=str(tiny_model_dir), port=0, watermark_key_file=str(key_file), threads=1)
+    with serve_in_thread(serve) as url:
+        r = P.run(cfg(url + "/v1", key_file, tmp_path, tokenizer=str(tiny_model_dir)))
+    assert r["tokens_scored"] > 100 and r["p_value"] < 1e-8
+    assert r["null_check"]["true_key_rank"] == 1 and r["null_check"]["keys"] == 100
+    assert r["generation"]["records"] == 20 and r["generation"]["errors"] == 0
+    assert json.loads((tmp_path / "provenance.json").read_text())["p_value"] == r["p_value"]
+    assert KEY not in (tmp_path / "provenance.json").read_text() + (tmp_path / "config.json").read_text()
+
+
+def test_clean_local_model_passes_and_null_is_uniform(tiny_model_dir, key_file, tmp_path):
+    """The tiny model never saw our watermark: no evidence, and 100 random keys give uniform p-values."""
+    r = P.run(cfg(tiny_model_dir, key_file, tmp_path, data=[]))
+    assert r["p_value"] > 0.01
+    null = r["null_check"]
+    assert null["ks_p_value"] > 0.01 and null["false_positive_rate"] <= 0.05
+    assert r["duplicates"] + r["in_prompt"] + r["tokens_scored"] == r["positions"]
+
+
+def test_bad_suspects_are_named(key_file, tmp_path):
+    with pytest.raises(ValueError, match="--tokenizer"):
+        P.run(cfg("http://127.0.0.1:9/v1", key_file, tmp_path))
+    with pytest.raises(FileNotFoundError, match="neither a local model path"):
+        P.run(cfg(tmp_path / "nope", key_file, tmp_path))
