@@ -208,7 +208,14 @@ def _demo(cfg):
                   f"simulated benign accounts: {verdict} as one campaign; "
                   f"{g['demo_accounts_flagged']}/{g['demo_accounts']} demo accounts flagged, "
                   f"{g['benign_flagged']} benign accounts flagged")
-    out.print(f"demo finished in {result['seconds']:.0f}s; outputs in {cfg.out}")
+    if result.get("evaluation"):
+        import json
+
+        print_evaluation(json.loads((Path(cfg.out) / "evaluate" / "evaluation.json").read_text()))
+    if result.get("report"):
+        out.print(f"report: {result['report']}")
+    stages = ", ".join(f"{k} {v:.0f}s" for k, v in result["stages"].items())
+    out.print(f"demo finished in {result['seconds']:.0f}s ({stages}); outputs in {cfg.out}")
 
 
 def _fmt_pct(x) -> str:

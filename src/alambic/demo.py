@@ -1,8 +1,11 @@
-"""`alambic demo`: the main job, offline, on the embedded demo teacher.
+"""`alambic demo`: the main job, offline, on the embedded demo teacher, in one command.
 
-Stages so far: serve the shipped demo teacher over real HTTP on 127.0.0.1 (API keys, access log); ask it the
-held-out skill prompts through the OpenAI-compatible API and grade its answers; collect the student's training
-set from it through several API keys with `alambic collect` (cached: a re-run pays for nothing).
+Stages: serve the shipped demo teacher over real HTTP on 127.0.0.1 (API keys, access log) → ask it the held-out
+skill prompts through the OpenAI-compatible API and grade its answers → collect the student's training set from it
+through several API keys with `alambic collect` (cached: a re-run pays for nothing) → the provider's view: does
+`guard detect` find that collection among simulated benign users? → train a student of at most 1/8 of the teacher's
+parameters on the collected top-k logprobs (`alambic train`; reused on a re-run when data and settings are the
+same) → `alambic evaluate` student beside teacher → `alambic report`.
 """
 
 from __future__ import annotations
@@ -38,6 +41,12 @@ class DemoConfig(Config):
     n_keys: int = Field(4, ge=1, description="API keys the demo's collection is spread over")
     guard: bool = Field(True, description="mix the demo's traffic into simulated benign traffic and run guard detect")
     guard_scale: float = Field(0.01, gt=0, description="size of the simulated benign population (1.0 = 200k accounts)")
+    student: str = Field("preset:tiny", description="student to train: preset:NAME (at most 1/8 of the teacher)")
+    loss: str = Field("forward_kl", description="distillation loss (see `alambic train --help`)")
+    train_steps: int = Field(600, ge=0, description="student optimiser steps (0: stop after collection)")
+    train_lr: float = Field(3e-3, gt=0, description="student peak learning rate")
+    train_batch: int = Field(16, gt=0, description="student packed rows per step")
+    report: bool = Field(True, description="write the HTML/Markdown report")
 
 
 def teacher_id(folder: str) -> str:
@@ -95,6 +104,18 @@ def find_demo_campaign(cfg: DemoConfig, out: Path, demo_accounts: list[str], log
             "events": result.get("events"), "campaigns": result.get("campaigns")}
 
 
+def _same_run(folder: Path, cfg) -> bool:
+    """Whether `folder` already holds a finished training run of exactly these settings and data."""
+    from .train.data import read_interactions
+
+    try:
+        saved = json.loads((folder / "alambic_config.json").read_text())
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+    return saved == json.loads(cfg.model_dump_json()) and manifest.get("data") == read_interactions(cfg.data)[1]
+
+
 def run(cfg: DemoConfig, log: Callable[[str], None] = lambda _: None,
         progress: Callable[[dict], None] | None = None) -> dict:
     from .serve import ServeConfig, serve_in_thread
@@ -105,6 +126,12 @@ def run(cfg: DemoConfig, log: Callable[[str], None] = lambda _: None,
     out.mkdir(parents=True, exist_ok=True)
     cfg.dump(out / "config.json")
     t0 = time.time()
+    stages: dict[str, float] = {}
+
+    def stage(name: str, since: float) -> float:
+        stages[name] = round(time.time() - since, 1)
+        return time.time()
+
     heldout = tasks.generate(None, cfg.n_eval, "test", seed=cfg.seed)
     # The demo's own API keys: one for evaluation, several for the collection (a campaign, as guard will see it).
     keys = [f"sk-demo-{i}-{secrets.token_hex(8)}" for i in range(cfg.n_keys + 1)]
@@ -114,12 +141,12 @@ def run(cfg: DemoConfig, log: Callable[[str], None] = lambda _: None,
     log(f"serving the demo teacher from {cfg.teacher}")
     serve_cfg = ServeConfig(model=cfg.teacher, port=0, access_log=str(out / "access.jsonl"),
                             api_keys_file=str(keys_file))
+    t = time.time()
     with serve_in_thread(serve_cfg) as url:
         log(f"asking {len(heldout)} held-out prompts over HTTP at {url}")
-        t1 = time.time()
         replies = asyncio.run(ask_all(url, [ex.messages for ex in heldout], cfg.max_tokens, cfg.concurrency,
                                       api_key=keys[0]))
-        eval_s = time.time() - t1
+        t = stage("teacher_eval_http", t)
         collected = None
         if cfg.n_collect:
             collect_keys = out / "collect_keys.txt"
@@ -131,11 +158,53 @@ def run(cfg: DemoConfig, log: Callable[[str], None] = lambda _: None,
                 task=list(tasks.SKILLS), n=cfg.n_collect, max_tokens=cfg.max_tokens, top_logprobs=cfg.top_logprobs,
                 concurrency=cfg.concurrency,
                 store=str(out / "cache.sqlite"), out=str(out / "collect" / "interactions.jsonl")), progress=progress)
-    guard_result = find_demo_campaign(cfg, out, [f"acct_demo_{i}" for i in range(1, cfg.n_keys + 1)], log) \
-        if cfg.guard and collected else None
+            t = stage("collect", t)
+    guard_result = None
+    if cfg.guard and collected:
+        guard_result = find_demo_campaign(cfg, out, [f"acct_demo_{i}" for i in range(1, cfg.n_keys + 1)], log)
+        t = stage("guard", t)
     acc = tasks.accuracy(heldout, replies)
     result = {"alambic_version": __version__, "teacher": cfg.teacher, "teacher_url": url, "teacher_accuracy": acc,
-              "n_prompts": len(heldout), "eval_seconds": round(eval_s, 1), "collect": collected, "guard": guard_result,
-              "seconds": round(time.time() - t0, 1)}
+              "n_prompts": len(heldout), "collect": collected, "guard": guard_result, "stages": stages}
+    if collected and cfg.train_steps:
+        result |= distil(cfg, out, log)
+        stages.update(result.pop("stages_distil"))
+    result["seconds"] = round(time.time() - t0, 1)
     (out / "manifest.json").write_text(json.dumps(result, indent=2) + "\n")
+    if cfg.report:
+        from . import report
+
+        result["report"] = report.run(report.ReportConfig(run_dir=str(out)))["html"]
     return result
+
+
+def distil(cfg: DemoConfig, out: Path, log: Callable[[str], None]) -> dict:
+    """Train the student on the collected interactions, evaluate it beside the teacher."""
+    from . import evaluate
+    from .train import trainer
+
+    stages: dict[str, float] = {}
+    t = time.time()
+    train_cfg = trainer.TrainConfig(
+        data=[str(out / "collect" / "interactions.jsonl")], out=str(out / "student"), student=cfg.student,
+        tokenizer=cfg.teacher, loss=cfg.loss, steps=cfg.train_steps, lr=cfg.train_lr, batch_size=cfg.train_batch,
+        warmup=min(30, cfg.train_steps // 10), packing=True, eval_every=max(1, cfg.train_steps // 4),
+        heldout_n=10, save_every=0, seed=cfg.seed)
+    if _same_run(out / "student", train_cfg):
+        log("student: already trained on this data with these settings (delete runs/demo/student to retrain)")
+        student = json.loads((out / "student" / "manifest.json").read_text())
+    else:
+        log(f"training a {cfg.student} student ({cfg.loss}, {cfg.train_steps} steps)")
+        student = trainer.run(train_cfg)
+    stages["train"] = round(time.time() - t, 1)
+    t = time.time()
+    log("evaluating the student beside the teacher")
+    ev = evaluate.run(evaluate.EvaluateConfig(student=str(out / "student"), teacher=cfg.teacher, n=cfg.n_eval,
+                                              seed=cfg.seed, max_tokens=cfg.max_tokens, out=str(out / "evaluate")))
+    stages["evaluate"] = round(time.time() - t, 1)
+    return {"student": {"parameters": student["student"]["parameters"], "loss": student["loss"],
+                        "train_seconds": student["train_seconds"]},
+            "evaluation": {k: ev[k] for k in ("fidelity", "ratios")} | {
+                "teacher_accuracy": {k: v["accuracy"] for k, v in ev["teacher"]["accuracy"].items()},
+                "student_accuracy": {k: v["accuracy"] for k, v in ev["student"]["accuracy"].items()}},
+            "stages_distil": stages}
