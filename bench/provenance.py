@@ -89,10 +89,10 @@ def student(root: Path, data: Path, loss: str, steps: int) -> Path:
 
 
 def provenance(root: Path, model: Path, key_file: Path, n: int, samples: int, data: list[str] | None = None,
-               null_keys: int = 100, tag: str = "") -> dict:
-    out = root / "provenance" / (model.name + tag)
+               null_keys: int = 100, tag: str = "", temperature: float = 1.0) -> dict:
+    out = root / "provenance" / f"{model.name}{tag}-t{temperature}"
     cfg = P.ProvenanceConfig(suspect=str(model), key_file=str(key_file), tokenizer=str(DEMO_TEACHER), n=n,
-                             samples=samples, temperature=1.0, max_tokens=160, null_keys=null_keys, threads=1,
+                             samples=samples, temperature=temperature, max_tokens=160, null_keys=null_keys, threads=1,
                              data=data or [], out=str(out))
     return P.run(cfg)
 
@@ -113,14 +113,15 @@ def scoring_speed(key_file: Path, files: list[str]) -> dict:
             "ratio_vs_uncached": round(figures["cached"] / figures["uncached"], 2)}
 
 
-def time_to_detect(root: Path, model: Path, key_file: Path, sizes: list[int], samples: int) -> dict:
+def time_to_detect(root: Path, model: Path, key_file: Path, sizes: list[int], samples: int, temperature: float
+                   ) -> dict:
     """The smallest of `sizes` (prompts per skill) whose cold provenance run (generation + scoring, null check off)
     gives p < 1e-6, and its wall time."""
     tried = []
     for n in sizes:
-        shutil.rmtree(root / "provenance" / f"{model.name}-ttd{n}", ignore_errors=True)
+        shutil.rmtree(root / "provenance" / f"{model.name}-ttd{n}-t{temperature}", ignore_errors=True)
         t0 = time.time()
-        r = provenance(root, model, key_file, n, samples, null_keys=0, tag=f"-ttd{n}")
+        r = provenance(root, model, key_file, n, samples, null_keys=0, tag=f"-ttd{n}", temperature=temperature)
         tried.append({"n_per_skill": n, "p_value": r["p_value"], "tokens_scored": r["tokens_scored"],
                       "wall_s": round(time.time() - t0, 1)})
         if r["p_value"] < 1e-6:
@@ -136,6 +137,7 @@ def main() -> None:
     ap.add_argument("--context-width", type=int, default=W.DEFAULT_CONTEXT_WIDTH)
     ap.add_argument("--gamma", type=float, default=W.DEFAULT_GAMMA)
     ap.add_argument("--delta", type=float, default=W.DEFAULT_DELTA)
+    ap.add_argument("--temperature", type=float, default=0.3, help="sampling temperature of the suspect students")
     args = ap.parse_args()
     torch.set_num_threads(1)
     n_eval, n_train, steps, n_prov, samples = (20, 100, 100, 20, 2) if args.quick else (100, 400, 500, 100, 2)
@@ -156,9 +158,9 @@ def main() -> None:
         models[f] = student(root, mixture(root, wm_teacher["interactions"], clean_teacher["interactions"], f),
                             args.loss, steps)
     for f in FRACTIONS:
-        r = provenance(root, models[f], key_file, n_prov, samples)
+        r = provenance(root, models[f], key_file, n_prov, samples, temperature=args.temperature)
         rf = provenance(root, models[f], key_file, n_prov, samples, data=[wm_teacher["interactions"]], null_keys=0,
-                        tag="-filtered")
+                        tag="-filtered", temperature=args.temperature)
         curve.append({"watermarked_fraction": f, "p_value": r["p_value"], "z": r["z"],
                       "tokens_scored": r["tokens_scored"], "green_fraction": r["green_fraction"],
                       "p_value_filtered": rf["p_value"], "tokens_scored_filtered": rf["tokens_scored"],
@@ -168,10 +170,12 @@ def main() -> None:
         if f == 0.0:
             null = r["null_check"]
     speed = scoring_speed(key_file, [wm_teacher["interactions"], clean_teacher["interactions"]])
-    ttd = time_to_detect(root, models[1.0], key_file, [5, 20] if args.quick else [10, 30, 100], samples)
+    ttd = time_to_detect(root, models[1.0], key_file, [5, 20] if args.quick else [10, 30, 100], samples,
+                         args.temperature)
     line = {
         "bench": "provenance", "quick": args.quick, "loss": args.loss, "student_steps": steps,
         "train_prompts": 5 * n_train, "provenance_prompts": 5 * n_prov, "samples_per_prompt": samples,
+        "suspect_temperature": args.temperature,
         "context_width": params.context_width, "gamma": params.gamma, "delta": params.delta,
         "teacher_accuracy_clean": round(clean_teacher["heldout_accuracy"]["mean"], 4),
         "teacher_accuracy_watermarked": round(wm_teacher["heldout_accuracy"]["mean"], 4),

@@ -51,3 +51,27 @@ def test_bad_suspects_are_named(key_file, tmp_path):
         P.run(cfg("http://127.0.0.1:9/v1", key_file, tmp_path))
     with pytest.raises(FileNotFoundError, match="neither a local model path"):
         P.run(cfg(tmp_path / "nope", key_file, tmp_path))
+
+
+@pytest.mark.slow
+def test_student_distilled_from_watermarked_teacher_is_radioactive(tiny_model_dir, key_file, tmp_path):
+    """The whole path on tiny models: a teacher with entropy to spare (the untrained tiny model, sampled) serves
+    watermarked answers, `collect` gathers them, `train` distils a student from them, and provenance on the student
+    (its own samples, on prompts it never saw) finds the watermark; scoring the same samples with 100 random keys
+    does not."""
+    from alambic import collect, tasks
+    from alambic.train.trainer import TrainConfig, run
+
+    serve = ServeConfig(model=str(tiny_model_dir), port=0, watermark_key_file=str(key_file), threads=1)
+    with serve_in_thread(serve) as url:
+        collect.run(collect.CollectConfig(base_url=url + "/v1", task=list(tasks.SKILLS), n=40, temperature=1.0,
+                                          max_tokens=48, store=str(tmp_path / "cache.sqlite"),
+                                          out=str(tmp_path / "marked.jsonl")))
+    student = tmp_path / "student"
+    run(TrainConfig(data=[str(tmp_path / "marked.jsonl")], out=str(student), student="preset:test",
+                    tokenizer=str(tiny_model_dir), steps=80, batch_size=16, lr=3e-3, eval_every=0, heldout_n=0,
+                    save_every=0, threads=1))
+    # A low temperature keeps the student to the choices it learned best (a measured choice: p ~1e-5 at 1.0).
+    r = P.run(cfg(student, key_file, tmp_path / "prov", temperature=0.3))
+    assert r["p_value"] < 1e-6 and r["null_check"]["true_key_rank"] == 1
+    assert r["null_check"]["false_positive_rate"] <= 0.05
