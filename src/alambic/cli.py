@@ -259,6 +259,21 @@ def _report(cfg):
     out.print(f"report: {r['html']} (Markdown twin: {r['markdown']}); sections: {', '.join(r['sections'])}")
 
 
+def _loop(cfg):
+    from .loop import run
+
+    r = run(cfg, log=lambda msg: console.print(msg))
+    table = Table(title="student held-out accuracy against teacher queries (mean over seeds)")
+    table.add_column("queries", justify="right")
+    for arm in r["curves"]:
+        table.add_column(arm, justify="right")
+    for i, p in enumerate(next(iter(r["curves"].values()))):
+        table.add_row(str(p["queries"]), *(f"{100 * c[i]['accuracy']:.1f}% ± {100 * c[i]['accuracy_sd']:.1f}"
+                                           for c in r["curves"].values()))
+    out.print(table)
+    out.print(f"{r['summary']}; curves: {cfg.out}/loop/loop.json (`alambic report {cfg.out}` plots them)")
+
+
 def print_summary(title: str, result: dict) -> None:
     """A stage's summary dict, as indented JSON under a title."""
     out.rule(title)
@@ -300,6 +315,11 @@ def _register() -> None:
 
     command(app, "evaluate", EvaluateConfig, _evaluate,
             help="Student beside teacher on held-out prompts: accuracy (95% CI), agreement, token KL, size, speed.")
+    from .loop import LoopConfig
+
+    command(app, "loop", LoopConfig, _loop,
+            help="Rounds of collect → train → evaluate under a teacher budget, queries spent where the student is "
+                 "weakest; compared with uniform allocation.")
     from .report import ReportConfig
 
     command(app, "report", ReportConfig, _report,
