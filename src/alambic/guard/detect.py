@@ -133,7 +133,11 @@ def load(con: duckdb.DuckDBPyConnection, paths: list[Path], until: float | None)
     selects = []
     for i, path in enumerate(paths):
         if path.suffix == ".parquet":
-            cols = {r[0]: r[1] for r in con.execute(f"DESCRIBE SELECT * FROM read_parquet('{path}')").fetchall()}
+            try:
+                cols = {r[0]: r[1] for r in con.execute(f"DESCRIBE SELECT * FROM read_parquet('{path}')").fetchall()}
+            except duckdb.Error as e:
+                raise LogError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]}); "
+                               "give a Parquet access log, or name it .jsonl if it is JSON lines") from e  # fmt: skip
             missing = [f for f in REQUIRED if f not in cols]
             if missing:
                 raise LogError(f"{path}: required field(s) {missing} absent; every event needs {list(REQUIRED)}")
@@ -371,15 +375,21 @@ def _pivot(ctx: Ctx) -> np.ndarray:
 
 
 def _sync_cells(ctx: Ctx) -> None:
-    """Cells (template, time bucket) where many accounts act at once, well above that template's usual rate."""
+    """Cells (template, time bucket) where many accounts act at once, well above that template's usual rate.
+
+    The usual rate is scaled up in buckets busier than average (a backlog replayed at once, a log flushed with one
+    timestamp): there every template rises together, which is not coordination on one template."""
     cfg, con = ctx.cfg, ctx.con
     n_buckets = max(1.0, (ctx.t_max - ctx.t_min) / cfg.sync_bucket_s)
+    bucket = f"CAST(floor(t / {cfg.sync_bucket_s}) AS BIGINT)"
     con.execute(f"""
         CREATE TEMP TABLE cells AS
-        WITH c AS (SELECT k0, CAST(floor(t / {cfg.sync_bucket_s}) AS BIGINT) AS b, count(DISTINCT acct) AS na
-                   FROM ev WHERE k0 IS NOT NULL GROUP BY 1, 2),
-        r AS (SELECT k0, sum(na) / {n_buckets} AS rate FROM c GROUP BY 1)
-        SELECT c.k0, c.b FROM c JOIN r USING (k0) WHERE na >= {cfg.sync_min_accounts} AND na >= {cfg.sync_ratio} * rate
+        WITH c AS (SELECT k0, {bucket} AS b, count(DISTINCT acct) AS na FROM ev WHERE k0 IS NOT NULL GROUP BY 1, 2),
+        r AS (SELECT k0, sum(na) / {n_buckets} AS rate FROM c GROUP BY 1),
+        a AS (SELECT {bucket} AS b, count(DISTINCT acct) AS act FROM ev GROUP BY 1),
+        am AS (SELECT sum(act) / {n_buckets} AS mean_act FROM a)
+        SELECT c.k0, c.b FROM c JOIN r USING (k0) JOIN a USING (b), am
+        WHERE na >= {cfg.sync_min_accounts} AND na >= {cfg.sync_ratio} * rate * greatest(1, act / mean_act)
     """)  # fmt: skip
 
 
@@ -556,7 +566,16 @@ def _detect(con, cfg: DetectConfig, paths: list[Path], out: Path) -> dict:
         until = con.execute(f"SELECT {_ts_expr(repr(cfg.until))}").fetchall()[0][0]
         if until is None:
             raise LogError(f"until={cfg.until!r} is not an ISO-8601 time or epoch seconds")
+    clock = time.time()
+    seconds: dict[str, float] = {}  # per stage, in the manifest: where the time goes on a large log
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        seconds[stage] = round(seconds.get(stage, 0.0) + time.time() - clock, 2)
+        clock = time.time()
+
     info = load(con, paths, until)
+    lap("load")
     if info["events"] == 0:
         raise LogError(f"no usable events in {[str(p) for p in paths]}; malformed: {info['malformed']}")
     present = set(info["present"])
@@ -580,6 +599,7 @@ def _detect(con, cfg: DetectConfig, paths: list[Path], out: Path) -> dict:
         sig = SIGNALS[name]
         if sig.kind == "request":
             sig.fn(ctx)
+            lap(name)
     # A signal may depend on a request signal that was skipped (e.g. concentration needs templates).
     for name in used:
         sig = SIGNALS[name]
@@ -588,17 +608,20 @@ def _detect(con, cfg: DetectConfig, paths: list[Path], out: Path) -> dict:
             features[name] = x
         elif sig.kind == "link":
             links[name] = sig.fn(ctx)
+        lap(name)
 
     n_req = ctx.per_account("SELECT acct, count(*) FROM ev GROUP BY acct")
     z = _account_z(cfg, features)
     p_acct = ndtr(-z)
     camp = _campaigns(cfg, n, z, links)
+    lap("campaigns")
 
     ids = con.sql("SELECT account_id FROM acc ORDER BY acct").to_arrow_table()["account_id"]
     first_last = con.execute("SELECT acct, min(t), max(t) FROM ev GROUP BY acct ORDER BY acct").fetchnumpy()
     summary = _write(cfg, out, ids, n_req, features, z, p_acct, camp, first_last, info, skipped, ctx.notes, con)
     cfg.dump(out / "config.json")
-    return summary
+    lap("write")
+    return summary | {"stage_seconds": seconds}
 
 
 def _account_z(cfg: DetectConfig, features: dict[str, np.ndarray]) -> np.ndarray:

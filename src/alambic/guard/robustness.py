@@ -1,8 +1,9 @@
 """Robustness curves: detector recall and benign false-positive rate as each evasion knob is turned.
 
-For each knob (`paraphrase`, `jitter`, `benign_mix`, `rotation`) and value, simulate with that knob set (others at
-their defaults), detect, score. Returns the rows and writes them as a Markdown table (`out`/robustness.md) that
-docs/guard.md includes.
+For each knob (`paraphrase`, `jitter`, `benign_mix`, `rotation`), value and seed, simulate with that knob set (others
+at their defaults), detect, score. Writes every row (`out`/robustness.json) and a Markdown table over seeds
+(`out`/robustness.md: mean and range of recall, worst false-positive rate, per-campaign recall, and which campaigns
+were lost at which seed) that docs/guard.md includes.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ class RobustnessConfig(Config):
     values: list[float] = Field(default_factory=lambda: [0.0, 0.3, 0.6, 0.9], description="knob values to try")
     scale: float = Field(0.01, gt=0, description="simulation scale per point")
     days: float = Field(4.0, description="simulated days per point")
-    seeds: list[int] = Field(default_factory=lambda: [0], description="seeds averaged per point")
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], description="seeds per point")
 
 
 def run(cfg: RobustnessConfig) -> dict:
@@ -42,16 +43,34 @@ def run(cfg: RobustnessConfig) -> dict:
                     d = score.run(score.ScoreConfig(labels=sim["labels"], detected=f"{tmp}/det"))["detector"]
                 rows.append({"knob": knob, "value": v, "seed": seed, "recall": d["recall"],
                              "benign_fpr": d["benign_fpr"], "campaign_recall": d["campaign_recall"],
-                             "per_campaign_recall": d["per_campaign_recall"]})  # fmt: skip
-    lines = [
-        "| knob | value | recall | benign FPR | campaigns found | hydra | low_slow |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        pc = r["per_campaign_recall"]
-        lines.append(f"| {r['knob']} | {r['value']} | {r['recall']:.3f} | {r['benign_fpr']:.4f} | "
-                     f"{r['campaign_recall']:.2f} | {pc.get('hydra', 0):.2f} | "
-                     f"{pc.get('low_slow', 0):.2f} |")  # fmt: skip
-    (out / "robustness.md").write_text("\n".join(lines) + "\n")
+                             "per_campaign_recall": {k: float(x) for k, x in d["per_campaign_recall"].items()},
+                             "found": sorted(c for c, ids in d["found"].items() if ids)})  # fmt: skip
+    (out / "robustness.md").write_text(table(rows))
     (out / "robustness.json").write_text(json.dumps(rows, indent=1, default=float) + "\n")
     return {"points": len(rows), "table": str(out / "robustness.md")}
+
+
+def table(rows: list[dict]) -> str:
+    """One line per (knob, value): recall mean [min-max] over seeds, worst benign FPR, campaigns found (worst seed),
+    mean recall per campaign, and the campaigns not found with the seeds where they were lost."""
+    camps = list(simulate.PLAYBOOKS)
+    lines = [
+        "| knob | value | recall mean [min-max] | benign FPR max | campaigns found (worst) | "
+        + " | ".join(camps)
+        + " | lost (seed) |",
+        "|---|---:|---:|---:|---:|" + "---:|" * len(camps) + "---|",
+    ]
+    points: dict[tuple, list[dict]] = {}
+    for r in rows:
+        points.setdefault((r["knob"], r["value"]), []).append(r)
+    for (knob, value), rs in points.items():
+        rec = [r["recall"] for r in rs]
+        per = [sum(r["per_campaign_recall"].get(c, 0) for r in rs) / len(rs) for c in camps]
+        lost = [f"{c} ({r['seed']})" for r in rs for c in camps if c not in r["found"]]
+        lines.append(
+            f"| {knob} | {value} | {sum(rec) / len(rec):.3f} [{min(rec):.2f}-{max(rec):.2f}] | "
+            f"{max(r['benign_fpr'] for r in rs):.4f} | {min(r['campaign_recall'] for r in rs):.2f} | "
+            + " | ".join(f"{x:.2f}" for x in per)
+            + f" | {', '.join(lost) or '-'} |"
+        )
+    return "\n".join(lines) + "\n"

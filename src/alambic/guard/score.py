@@ -167,35 +167,38 @@ def run(cfg: ScoreConfig) -> dict:
 
 
 def _replay(cfg: ScoreConfig, con, truth: np.ndarray, ids: list[str]) -> dict:
-    """Re-run detection on growing prefixes of the log: exchanges each campaign got served before it was found."""
-    t_min, t_max = con.execute("SELECT min(t), max(t) FROM ev").fetchall()[0]
+    """Re-run detection on growing prefixes of the log (every `replay_hours`), as a provider running it on a schedule
+    would: for each campaign, the exchanges its accounts had been served when the first run that found it ended
+    (an upper bound, at the schedule's granularity), out of its total in the log."""
+    rows = con.execute("SELECT acct, t FROM ev").fetchnumpy()
+    lab = truth[rows["acct"].astype(np.int64)]  # acct i is ids[i] (checked by the caller)
+    times = {c: np.sort(rows["t"][lab == c]) for c in np.unique(truth) if c != "benign"}
+    t_min, t_max = float(rows["t"].min()), float(rows["t"].max())
+    step = cfg.replay_hours * 3600
+    cuts = list(np.arange(t_min + step, t_max, step)) + [t_max + 1]  # the last run sees the whole log
     camp_of = dict(zip(ids, truth, strict=True))
-    cuts = np.arange(t_min + cfg.replay_hours * 3600, t_max + cfg.replay_hours * 3600, cfg.replay_hours * 3600)
-    todo = {c for c in np.unique(truth) if c != "benign"}
-    served: dict[str, int | None] = dict.fromkeys(todo)
     detect_cfg = json.loads((Path(cfg.detected) / "config.json").read_text())
+    result: dict[str, dict] = {
+        c: {"served": None, "total": len(t), "share_served": None, "detected_at": None, "hours_active": None}
+        for c, t in times.items()
+    }
     for cut in cuts:
+        todo = [c for c, r in result.items() if r["served"] is None]
         if not todo:
             break
         tmp = Path(cfg.detected) / "replay"
         dc = det.DetectConfig(**(detect_cfg | {"out": str(tmp), "until": det._iso(float(cut))}))
         try:
             det.run(dc)
-        except det.LogError:
+        except det.LogError:  # nothing before this cut yet
             continue
-        tab = pq.read_table(tmp / "accounts.parquet", columns=["account_id", "flagged", "campaign"])
+        tab = pq.read_table(tmp / "accounts.parquet", columns=["account_id", "campaign"])
         t = np.array([camp_of.get(a, "benign") for a in tab["account_id"].to_pylist()])
-        pred = np.array([c or "" for c in tab["campaign"].to_pylist()])
-        found = campaign_metrics(t, pred)["found"]
-        for c in list(todo):
+        found = campaign_metrics(t, np.array([c or "" for c in tab["campaign"].to_pylist()]))["found"]
+        for c in todo:
             if found.get(c):
-                members = [a for a, lab in camp_of.items() if lab == c]
-                served[c] = int(
-                    con.execute(
-                        f"SELECT count(*) FROM ev JOIN acc USING (acct) WHERE t < {cut} AND account_id IN "
-                        f"(SELECT unnest(?::VARCHAR[]))",
-                        [members],
-                    ).fetchall()[0][0]
-                )
-                todo.discard(c)
-    return {"every_hours": cfg.replay_hours, "served": served}
+                n = int(np.searchsorted(times[c], cut, side="left"))
+                result[c] |= {"served": n, "share_served": round(n / max(1, len(times[c])), 4),
+                              "detected_at": det._iso(float(cut)),
+                              "hours_active": round((cut - times[c][0]) / 3600, 1)}  # fmt: skip
+    return {"every_hours": cfg.replay_hours, "campaigns": result}

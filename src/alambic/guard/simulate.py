@@ -306,6 +306,11 @@ def _human_times(rng, n, phase, t0, t1):
     day = np.floor(t0 / DAY + rng.random(n) * span_days)
     hour = (rng.choice(24, n, p=DIURNAL) + phase) % 24
     t = day * DAY + hour * 3600 + rng.random(n) * 3600
+    # Past the window's end (a partial last day, a late phase): the same hour on an earlier day. Clipping instead
+    # piled these events onto the last instant, a burst of every template at once that looked like synchrony.
+    t1 = np.broadcast_to(t1, t.shape)
+    over = t >= t1
+    t[over] -= np.ceil((t[over] - t1[over]) / DAY + 1e-9) * DAY
     return np.clip(t, t0, np.nextafter(t1, t0))
 
 
@@ -336,7 +341,7 @@ def benign(rng, n_accounts, cfg, pieces, topic_ids, first_acct) -> tuple[Events,
     t = s_t[sid] + csum - csum[first_idx][sid]
     # Pipelines run 24/7 at a steady pace.
     t[pipe] = start[acct[pipe]] + rng.random(pipe.sum()) * (days * DAY - start[acct[pipe]])
-    t = np.minimum(t, days * DAY - 1)
+    inside = t < days * DAY  # sessions running past the window's end are cut there, not piled onto its last second
     # Topics: each account has 1-3 favourites; a pipeline has its own fixed task.
     n_topics = len(topic_ids)
     fav = rng.choice(n_topics, (n_accounts, 3))
@@ -370,7 +375,7 @@ def benign(rng, n_accounts, cfg, pieces, topic_ids, first_acct) -> tuple[Events,
     model = np.where(mini[acct] & (rng.random(m) < 0.7), 1, 0)
     model[(t >= adopt_at[acct]) & (rng.random(m) < 0.7)] = 2
     elicit = rng.random(m) < cot_pref[acct]
-    ev = Events(t, acct + first_acct, head, body, tail, num, n_messages, model, elicit)
+    ev = Events(*(x[inside] for x in (t, acct + first_acct, head, body, tail, num, n_messages, model, elicit)))
     return ev, {"kind": kind, "start": start}
 
 
