@@ -99,9 +99,11 @@ def _accuracy_plot(ev: dict):
     groups = [g for g in ev["teacher"]["accuracy"] if g != "mean"] + ["mean"]
     t = [100 * ev["teacher"]["accuracy"][g]["accuracy"] for g in groups]
     s = [100 * ev["student"]["accuracy"][g]["accuracy"] for g in groups]
-    err = [[100 * (ev["student"]["accuracy"][g]["accuracy"] - ev["student"]["accuracy"][g].get("ci95", (0, 0))[0]),
-            100 * (ev["student"]["accuracy"][g].get("ci95", (0, 1))[1] - ev["student"]["accuracy"][g]["accuracy"])]
-           if "ci95" in ev["student"]["accuracy"][g] else [0, 0] for g in groups]
+    err = []
+    for g in groups:
+        a = ev["student"]["accuracy"][g]
+        lo, hi = a.get("ci95") or (float("nan"), float("nan"))  # no interval (the mean): no error bar
+        err.append([100 * (a["accuracy"] - lo), 100 * (hi - a["accuracy"])])
     fig, ax = _figure()
     x = np.arange(len(groups))
     ax.bar(x - 0.2, t, 0.4, label="teacher", color=TEACHER_COLOR)
@@ -109,7 +111,7 @@ def _accuracy_plot(ev: dict):
     ax.set_xticks(x, groups)
     ax.set_ylim(0, 105)
     ax.set_ylabel("held-out accuracy (%)")
-    ax.legend(frameon=False, loc="lower left")
+    ax.legend(frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
     return fig
 
 
@@ -238,7 +240,7 @@ def sections(run: dict) -> list[dict]:
                     "plot": lambda: _loop_plot(loop), "name": "loop"})
     if col:
         t = col["teacher"]
-        rows = [["teacher", t.get("teacher_id") or t.get("model")], ["endpoint", t.get("base_url") or "—"],
+        rows = [["", ""], ["teacher", t.get("teacher_id") or t.get("model")], ["endpoint", t.get("base_url") or "—"],
                 ["model", t.get("model")], ["backend", t.get("backend")],
                 ["collected", f"{col['started_at']} → {col['ended_at']}"],
                 ["exchanges (records)", _fmt(col["records"])],
