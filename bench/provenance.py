@@ -38,7 +38,8 @@ from alambic.serve import ServeConfig, serve_in_thread
 FRACTIONS = (1.0, 0.5, 0.1, 0.0)
 
 
-def teacher_stage(root: Path, key_file: Path | None, n_eval: int, n_train: int) -> dict:
+def teacher_stage(root: Path, teacher: str, key_file: Path | None, n_eval: int, n_train: int, temperature: float,
+                  max_tokens: int) -> dict:
     """Held-out accuracy and the collected training set of the teacher served with `key_file` (None: clean)."""
     name = "watermarked" if key_file else "clean"
     out = root / "teacher" / name
@@ -47,15 +48,15 @@ def teacher_stage(root: Path, key_file: Path | None, n_eval: int, n_train: int) 
         return json.loads(done.read_text())
     out.mkdir(parents=True, exist_ok=True)
     heldout = tasks.generate(None, n_eval, "test", seed=0)
-    cfg = ServeConfig(model=str(DEMO_TEACHER), port=0, threads=1,
+    cfg = ServeConfig(model=teacher, port=0, threads=1,
                       watermark_key_file=str(key_file) if key_file else None)
     with serve_in_thread(cfg) as url:
-        replies = asyncio.run(ask_all(url, [ex.messages for ex in heldout], 160, 32))
+        replies = asyncio.run(ask_all(url, [ex.messages for ex in heldout], max_tokens, 32))
         t0 = time.time()
         m = collect.run(collect.CollectConfig(
-            base_url=url + "/v1", teacher_id=f"{teacher_id(str(DEMO_TEACHER))}:{name}", task=list(tasks.SKILLS),
-            n=n_train, max_tokens=160, top_logprobs=5, concurrency=32, store=str(out / "cache.sqlite"),
-            out=str(out / "interactions.jsonl")))
+            base_url=url + "/v1", teacher_id=f"{teacher_id(teacher)}:{name}", task=list(tasks.SKILLS),
+            n=n_train, max_tokens=max_tokens, temperature=temperature, top_logprobs=5, concurrency=32,
+            store=str(out / "cache.sqlite"), out=str(out / "interactions.jsonl")))
     result = {"heldout_accuracy": tasks.accuracy(heldout, replies), "collect_records": m["records"],
               "collect_s": round(time.time() - t0, 1), "interactions": str(out / "interactions.jsonl")}
     done.write_text(json.dumps(result, indent=2))
@@ -76,31 +77,32 @@ def mixture(root: Path, wm_file: str, clean_file: str, fraction: float) -> Path:
     return path
 
 
-def student(root: Path, data: Path, loss: str, steps: int) -> Path:
+def student(root: Path, teacher: str, data: Path, loss: str, steps: int) -> Path:
     from alambic.train.trainer import TrainConfig, run
 
     out = root / "students" / f"{data.stem}-{loss}"
     if (out / "manifest.json").exists():
         return out
     shutil.rmtree(out, ignore_errors=True)
-    run(TrainConfig(data=[str(data)], out=str(out), student="preset:tiny", tokenizer=str(DEMO_TEACHER), loss=loss,
+    run(TrainConfig(data=[str(data)], out=str(out), student="preset:tiny", tokenizer=teacher, loss=loss,
                     steps=steps, batch_size=16, lr=3e-3, eval_every=0, heldout_n=0, save_every=0, threads=1))
     return out
 
 
-def provenance(root: Path, model: Path, key_file: Path, n: int, samples: int, data: list[str] | None = None,
-               null_keys: int = 100, tag: str = "", temperature: float = 1.0) -> dict:
+def provenance(root: Path, teacher: str, model: Path, key_file: Path, n: int, samples: int,
+               data: list[str] | None = None, null_keys: int = 100, tag: str = "", temperature: float = 1.0,
+               max_tokens: int = 160) -> dict:
     out = root / "provenance" / f"{model.name}{tag}-t{temperature}"
-    cfg = P.ProvenanceConfig(suspect=str(model), key_file=str(key_file), tokenizer=str(DEMO_TEACHER), n=n,
-                             samples=samples, temperature=temperature, max_tokens=160, null_keys=null_keys, threads=1,
-                             data=data or [], out=str(out))
+    cfg = P.ProvenanceConfig(suspect=str(model), key_file=str(key_file), tokenizer=teacher, n=n,
+                             samples=samples, temperature=temperature, max_tokens=max_tokens,
+                             null_keys=null_keys, threads=1, data=data or [], out=str(out))
     return P.run(cfg)
 
 
-def scoring_speed(key_file: Path, files: list[str]) -> dict:
+def scoring_speed(teacher: str, key_file: Path, files: list[str]) -> dict:
     """Tokens scored per second over the given interactions, with the per-context cache and without it."""
     key, params = W.load_key(key_file)
-    tok = W.load_tokenizer(str(DEMO_TEACHER))
+    tok = W.load_tokenizer(teacher)
     seqs = [s for f in files for s in W.encode(tok, W.read_texts(f))]
     figures = {}
     for name, cache in (("cached", 65536), ("uncached", 0)):
@@ -113,15 +115,16 @@ def scoring_speed(key_file: Path, files: list[str]) -> dict:
             "ratio_vs_uncached": round(figures["cached"] / figures["uncached"], 2)}
 
 
-def time_to_detect(root: Path, model: Path, key_file: Path, sizes: list[int], samples: int, temperature: float
-                   ) -> dict:
+def time_to_detect(root: Path, teacher: str, model: Path, key_file: Path, sizes: list[int], samples: int,
+                   temperature: float, max_tokens: int) -> dict:
     """The smallest of `sizes` (prompts per skill) whose cold provenance run (generation + scoring, null check off)
     gives p < 1e-6, and its wall time."""
     tried = []
     for n in sizes:
         shutil.rmtree(root / "provenance" / f"{model.name}-ttd{n}-t{temperature}", ignore_errors=True)
         t0 = time.time()
-        r = provenance(root, model, key_file, n, samples, null_keys=0, tag=f"-ttd{n}", temperature=temperature)
+        r = provenance(root, teacher, model, key_file, n, samples, null_keys=0, tag=f"-ttd{n}",
+                       temperature=temperature, max_tokens=max_tokens)
         tried.append({"n_per_skill": n, "p_value": r["p_value"], "tokens_scored": r["tokens_scored"],
                       "wall_s": round(time.time() - t0, 1)})
         if r["p_value"] < 1e-6:
@@ -133,6 +136,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="small run: fewer prompts and steps")
     ap.add_argument("--root", default="runs/bench-provenance", help="folder of the stages' outputs (reused)")
+    ap.add_argument("--teacher", default=str(DEMO_TEACHER), help="teacher model directory (default: the demo's)")
+    ap.add_argument("--collect-temperature", type=float, default=0.0, help="teacher sampling temperature (0: greedy, "
+                    "as the demo collects)")
+    ap.add_argument("--steps", type=int, default=None, help="student optimiser steps (default: 500, quick 100)")
+    ap.add_argument("--max-tokens", type=int, default=160, help="max tokens per teacher answer and suspect completion")
     ap.add_argument("--loss", default="forward_kl", help="student loss: forward_kl (top-5 logprobs) or sft")
     ap.add_argument("--context-width", type=int, default=W.DEFAULT_CONTEXT_WIDTH)
     ap.add_argument("--gamma", type=float, default=W.DEFAULT_GAMMA)
@@ -141,8 +149,12 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     n_eval, n_train, steps, n_prov, samples = (20, 100, 100, 20, 2) if args.quick else (100, 400, 500, 100, 2)
+    steps = args.steps or steps
+    teacher = args.teacher
     params = W.WatermarkParams(args.context_width, args.gamma, args.delta)
-    root = Path(args.root) / f"k{params.context_width}-g{params.gamma}-d{params.delta}{'-quick' if args.quick else ''}"
+    prefix = "" if teacher == str(DEMO_TEACHER) else Path(teacher).name + "-"
+    root = Path(args.root) / (f"{prefix}k{params.context_width}-g{params.gamma}-d{params.delta}"
+                              + ("-quick" if args.quick else ""))
     root.mkdir(parents=True, exist_ok=True)
     key_file = root / "watermark.key"
     if not key_file.exists():
@@ -150,17 +162,18 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     t_start = time.time()
 
-    wm_teacher = teacher_stage(root, key_file, n_eval, n_train)
-    clean_teacher = teacher_stage(root, None, n_eval, n_train)
+    wm_teacher = teacher_stage(root, teacher, key_file, n_eval, n_train, args.collect_temperature, args.max_tokens)
+    clean_teacher = teacher_stage(root, teacher, None, n_eval, n_train, args.collect_temperature, args.max_tokens)
     curve, null = [], None
     models = {}
     for f in FRACTIONS:
-        models[f] = student(root, mixture(root, wm_teacher["interactions"], clean_teacher["interactions"], f),
+        models[f] = student(root, teacher, mixture(root, wm_teacher["interactions"], clean_teacher["interactions"], f),
                             args.loss, steps)
     for f in FRACTIONS:
-        r = provenance(root, models[f], key_file, n_prov, samples, temperature=args.temperature)
-        rf = provenance(root, models[f], key_file, n_prov, samples, data=[wm_teacher["interactions"]], null_keys=0,
-                        tag="-filtered", temperature=args.temperature)
+        r = provenance(root, teacher, models[f], key_file, n_prov, samples, temperature=args.temperature,
+                       max_tokens=args.max_tokens)
+        rf = provenance(root, teacher, models[f], key_file, n_prov, samples, data=[wm_teacher["interactions"]],
+                        null_keys=0, tag="-filtered", temperature=args.temperature, max_tokens=args.max_tokens)
         curve.append({"watermarked_fraction": f, "p_value": r["p_value"], "z": r["z"],
                       "tokens_scored": r["tokens_scored"], "green_fraction": r["green_fraction"],
                       "p_value_filtered": rf["p_value"], "tokens_scored_filtered": rf["tokens_scored"],
@@ -169,11 +182,12 @@ def main() -> None:
                       "true_key_rank": r["null_check"]["true_key_rank"]})
         if f == 0.0:
             null = r["null_check"]
-    speed = scoring_speed(key_file, [wm_teacher["interactions"], clean_teacher["interactions"]])
-    ttd = time_to_detect(root, models[1.0], key_file, [5, 20] if args.quick else [10, 30, 100], samples,
-                         args.temperature)
+    speed = scoring_speed(teacher, key_file, [wm_teacher["interactions"], clean_teacher["interactions"]])
+    ttd = time_to_detect(root, teacher, models[1.0], key_file, [5, 20] if args.quick else [10, 30, 100], samples,
+                         args.temperature, args.max_tokens)
     line = {
-        "bench": "provenance", "quick": args.quick, "loss": args.loss, "student_steps": steps,
+        "bench": "provenance", "quick": args.quick, "teacher": teacher,
+        "collect_temperature": args.collect_temperature, "loss": args.loss, "student_steps": steps,
         "train_prompts": 5 * n_train, "provenance_prompts": 5 * n_prov, "samples_per_prompt": samples,
         "suspect_temperature": args.temperature,
         "context_width": params.context_width, "gamma": params.gamma, "delta": params.delta,
@@ -185,7 +199,8 @@ def main() -> None:
         "wall_s": round(time.time() - t_start, 1),
     }
     print(json.dumps(line))
-    out = Path(__file__).parent / "results" / "provenance.json"
+    name = "provenance" if teacher == str(DEMO_TEACHER) else f"provenance_{Path(teacher).name}"
+    out = Path(__file__).parent / "results" / f"{name}.json"
     out.write_text(json.dumps(line, indent=2) + "\n")
 
 
