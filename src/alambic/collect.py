@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import gc
 import hashlib
 import json
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ from pydantic import Field, field_validator
 from . import __version__, tasks
 from .config import Config
 from .records import utc_now
-from .store import Store, request_key_prefixed, teacher_prefix
+from .store import Store, canonical_messages, request_keys
 from .teachers import ChatRequest, TeacherError, TeacherSpec, make_teacher
 
 log = logging.getLogger(__name__)
@@ -100,7 +102,7 @@ class CollectConfig(Config):
 # --- prompts -----------------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(slots=True)
 class Prompt:
     messages: list[dict[str, Any]]
     meta: dict[str, Any]
@@ -122,22 +124,41 @@ def shard_of(messages: list[dict], n: int) -> int:
     return int.from_bytes(hashlib.sha256(blob).digest()[:8], "big") % n
 
 
-def _row_to_prompt(row: dict[str, Any], where: str) -> Prompt:
+def _row_to_prompt(row: dict[str, Any]) -> Prompt:
+    """One prompt from a file's row; a ValueError says what is wrong with the row (the caller says where)."""
+    prompt = row.get("prompt")
+    if row.get("messages") is None and type(prompt) is str and prompt.strip():
+        # The common row, {"prompt": "..."}, checked first: files of millions of prompts are read on every re-run.
+        meta = {k: v for k, v in row.items() if k != "prompt" and v is not None} if len(row) > 1 else {}
+        return Prompt([{"role": "user", "content": prompt}], meta)
     if "messages" in row and row["messages"] is not None:
         msgs = row["messages"]
         if isinstance(msgs, str):
-            msgs = json.loads(msgs)
+            try:
+                msgs = json.loads(msgs)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"`messages` is not valid JSON ({e.msg})") from None
         if not isinstance(msgs, list) or not msgs or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs
         ):
-            raise ValueError(f"{where}: `messages` must be a non-empty list of {{role, content}} strings")
+            raise ValueError("`messages` must be a non-empty list of {role, content} strings")
         msgs = [{"role": m["role"], "content": m["content"]} for m in msgs]
-    elif isinstance(row.get("prompt"), str) and row["prompt"].strip():
-        msgs = [{"role": "user", "content": row["prompt"]}]
+    elif isinstance(prompt, str) and prompt.strip():
+        msgs = [{"role": "user", "content": prompt}]
     else:
-        raise ValueError(f"{where}: needs a non-empty `prompt` string or a `messages` list")
+        raise ValueError("needs a non-empty `prompt` string or a `messages` list")
     meta = {k: v for k, v in row.items() if k not in ("prompt", "messages") and v is not None}
     return Prompt(msgs, meta)
+
+
+def _jsonl_rows(f: Iterable[str]):
+    """(line number, object or the ValueError saying why the line is not JSON) of each non-blank line."""
+    for lineno, line in enumerate(f, 1):
+        if line.strip():
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                yield lineno, ValueError(f"not valid JSON ({e.msg})")
 
 
 def read_prompt_file(path: str | Path, skip_bad: bool = False, bad: list[str] | None = None) -> list[Prompt]:
@@ -146,41 +167,38 @@ def read_prompt_file(path: str | Path, skip_bad: bool = False, bad: list[str] | 
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {str(path)!r} not found")
     bad = bad if bad is not None else []
-    rows: list[tuple[str, Any]] = []
     suffix = path.suffix.lower()
+    where = f"{path}:{{}}"  # a row's place, filled in only for a bad row
     if suffix in (".jsonl", ".json"):
         with open(path) as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append((f"{path}:{lineno}", json.loads(line)))
-                    except json.JSONDecodeError as e:
-                        rows.append((f"{path}:{lineno}", ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})")))
+            rows = list(_jsonl_rows(f))
     elif suffix == ".csv":
         with open(path, newline="") as f:
-            for lineno, row in enumerate(csv.DictReader(f), 2):
-                rows.append((f"{path}:{lineno}", row))
+            rows = list(enumerate(csv.DictReader(f), 2))
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        for i, row in enumerate(pq.read_table(path).to_pylist()):
-            rows.append((f"{path}: row {i}", row))
+        where = f"{path}: row {{}}"
+        rows = list(enumerate(pq.read_table(path).to_pylist()))
     else:
         raise ValueError(f"prompt file {str(path)!r}: unknown format {suffix!r}; use .jsonl, .csv or .parquet")
     out = []
-    for where, row in rows:
+    source = str(path)
+    for place, row in rows:
         try:
             if isinstance(row, Exception):
                 raise row
             if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object")
-            p = _row_to_prompt(row, where)
-            p.meta.setdefault("source", str(path))
-            out.append(p)
-        except (ValueError, json.JSONDecodeError) as e:
+                raise ValueError("expected a JSON object")
+            p = _row_to_prompt(row)
+        except ValueError as e:
+            problem = f"{where.format(place)}: {e}"
             if not skip_bad:
-                raise ValueError(f"{e}; fix the line or pass --skip-bad") from None
-            bad.append(str(e))
+                raise ValueError(f"{problem}; fix the line or pass --skip-bad") from None
+            bad.append(problem)
+            continue
+        p.meta.setdefault("source", source)
+        out.append(p)
     return out
 
 
@@ -241,12 +259,15 @@ class Key:
 
 
 class KeyPool:
-    """API keys with per-key limits; picks the key that can send soonest, retires rejected keys."""
+    """API keys with per-key limits; picks the key that can send soonest, retires rejected keys.
+
+    No lock: `acquire` never awaits between reading the buckets and taking from them, so on one event loop a
+    choice and its taking are atomic.
+    """
 
     def __init__(self, keys: list[str | None], rpm: float, tpm: float):
         self.keys = [Key(k, "key_" + hashlib.sha256((k or "").encode()).hexdigest()[:12] if k else "none",
                          Bucket(rpm), Bucket(tpm)) for k in keys]
-        self.lock = asyncio.Lock()
         self.turn = 0
 
     def live(self) -> list[Key]:
@@ -254,21 +275,20 @@ class KeyPool:
 
     async def acquire(self, tokens: float) -> Key:
         while True:
-            async with self.lock:
-                live = self.live()
-                if not live:
-                    raise RuntimeError("every API key was rejected (401/403); check the keys and re-run to resume")
-                now = time.monotonic()
-                # Round-robin among the keys that can send now (ties broken from a rotating start), so load and
-                # rate-limit headroom are spread over the whole pool.
-                self.turn = (self.turn + 1) % len(live)
-                waits = [(max(k.cooldown_until - now, k.requests.wait_for(1), k.tokens.wait_for(tokens)),
-                          (i - self.turn) % len(live), k) for i, k in enumerate(live)]
-                wait, _, key = min(waits, key=lambda w: (w[0], w[1]))
-                if wait <= 0:
-                    key.requests.take(1)
-                    key.tokens.take(tokens)
-                    return key
+            live = self.live()
+            if not live:
+                raise RuntimeError("every API key was rejected (401/403); check the keys and re-run to resume")
+            now = time.monotonic()
+            # Round-robin among the keys that can send now (ties broken from a rotating start), so load and
+            # rate-limit headroom are spread over the whole pool.
+            self.turn = (self.turn + 1) % len(live)
+            waits = [(max(k.cooldown_until - now, k.requests.wait_for(1), k.tokens.wait_for(tokens)),
+                      (i - self.turn) % len(live), k) for i, k in enumerate(live)]
+            wait, _, key = min(waits, key=lambda w: (w[0], w[1]))
+            if wait <= 0:
+                key.requests.take(1)
+                key.tokens.take(tokens)
+                return key
             await asyncio.sleep(min(wait, 1.0))
 
 
@@ -304,11 +324,36 @@ class BudgetExceeded(Exception):
     pass
 
 
-@dataclass
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while millions of small acyclic objects are built (prompts, keys,
+    rows, lines): its passes over the growing heap cost more than the building itself (5x on reading a 200k-line
+    prompt file); reference counting still frees everything. What was built is then frozen (left out of later
+    passes, e.g. during the network phase, which runs with the collector on) until `run` ends."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if was:
+            gc.enable()
+
+
+# Replies are committed to the store in one transaction per this many seconds (not one per reply, which costs
+# more than the HTTP request it records); a prompt counts as done only once its reply is committed, so a SIGKILL
+# loses at most this long's replies, and a re-run asks for those again.
+COMMIT_EVERY_S = 0.05
+
+
+@dataclass(repr=False)  # CPython 3.11's asyncio.run can repr its result on exit: seconds for millions of rows
 class Outcome:
     identity: dict
-    capability: str
-    records: list[dict]
+    capability: str  # what the backend can return; the output refines it from what the replies hold
+    sampling: dict
+    keys: list[str]  # the cache key of each prompt
+    prompt_json: list[str]  # each prompt's messages in the canonical JSON its key hashes
+    found: dict[str, tuple[str, float, float | None]]  # key -> (reply JSON, created_at, latency_s), stored ones
     errors: list[dict]
     budget_hit: bool
 
@@ -317,54 +362,109 @@ def cost_usd(cfg: CollectConfig, prompt_tokens: float, completion_tokens: float)
     return (prompt_tokens * cfg.price_in + completion_tokens * cfg.price_out) / 1e6
 
 
-def interactions_for(key: str, prompt: Prompt, teacher: dict, sampling: dict, reply: dict,
-                     created_at: str, latency_s: float | None, cfg: CollectConfig) -> list[dict]:
-    """The Interaction records (DESIGN.md) of one stored reply (a `Reply` as a dict): one per sample."""
-    choices = reply["choices"]
-    n = max(1, len(choices))
-    records = []
-    skill = prompt.meta.get("skill")
-    grader = tasks.SKILLS.get(skill) if "reference" in prompt.meta else None
-    for i, c in enumerate(choices):
-        p_tok = reply.get("prompt_tokens", 0) if i == 0 else 0
-        c_tok = reply.get("completion_tokens", 0) // n
-        meta = dict(prompt.meta)
-        if grader is not None:
-            meta["correct"] = grader.grade(c["text"], str(meta["reference"]))
-        rec = {
-            "id": key if len(choices) == 1 else f"{key}:{i}",
-            "prompt": prompt.messages,
-            "completion": c["text"],
-            "teacher": {**teacher, "served_model": reply.get("model"), **sampling},
-            "usage": {"prompt_tokens": p_tok, "completion_tokens": c_tok,
-                      "cost_usd": round(cost_usd(cfg, p_tok, c_tok), 8)},
-            "meta": meta,
-            "created_at": created_at,
-            "latency_s": latency_s,
-            "finish_reason": c.get("finish_reason"),
-        }
-        if c.get("logprobs") is not None:
-            rec["logprobs"] = c["logprobs"]
-        records.append(rec)
-    return records
+_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
-def write_interactions(path: Path, records: list[dict]) -> None:
-    """Write atomically (temp file + rename): a crash never leaves a half-written output."""
+def _stored_replies(prompts: list[Prompt], res: Outcome, batch: int = 4096):
+    """(prompt, key, prompt JSON, reply, created_at, latency_s) of each prompt whose reply is stored, in order.
+
+    Replies are decoded a batch at a time as one JSON array: for documents this small, json's cost per call
+    is larger than the decoding itself (2-3x faster measured). Each stored reply is one JSON object written by
+    this module; should the array not split back into exactly those, they are decoded one by one instead.
+    """
+    found = res.found
+    have = [(p, key, msgs) for p, key, msgs in zip(prompts, res.keys, res.prompt_json, strict=True) if key in found]
+    for start in range(0, len(have), batch):
+        part = have[start : start + batch]
+        rows = [found[key] for _, key, _ in part]
+        texts = [row[0] for row in rows]
+        try:
+            replies = json.loads("[" + ",".join(texts) + "]")
+        except json.JSONDecodeError:
+            replies = []
+        if len(replies) != len(part):
+            replies = [json.loads(t) for t in texts]
+        for (p, key, msgs), reply, (_, created, latency) in zip(part, replies, rows, strict=True):
+            yield p, key, msgs, reply, created, latency
+
+
+def interaction_lines(cfg: CollectConfig, prompts: list[Prompt], res: Outcome, seen: dict[str, Any]):
+    """The Interaction records (DESIGN.md) of every stored reply, one per sample, as JSON lines in prompt order.
+
+    A re-run of millions of cached prompts spends most of its time here, so each line is assembled from JSON
+    fragments encoded by the standard library: what many records share (teacher, prompt, meta, timestamp) is
+    encoded once, each reply is decoded once. `seen` gets the number of records and whether any carried
+    (top-k) logprobs.
+    """
+    teacher_json: dict[str | None, str] = {}  # the `teacher` field by served model
+    last_sec, last_iso = None, ""
+    last_meta, meta_json = None, ""
+    records, logprobs, top = 0, False, False
+    for p, key, msgs, reply, created, latency in _stored_replies(prompts, res):
+        choices = reply["choices"]
+        served = reply.get("model")
+        teacher = teacher_json.get(served)
+        if teacher is None:
+            teacher = teacher_json[served] = _JSON({**res.identity, "served_model": served, **res.sampling})
+        if int(created) != last_sec:
+            last_sec = int(created)
+            last_iso = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
+        head = (f'"prompt":{msgs},"teacher":{teacher},"created_at":"{last_iso}.{int(created % 1 * 1000):03d}Z",'
+                f'"latency_s":{"null" if latency is None else repr(latency)}')  # float repr is json's
+        meta = p.meta
+        grader = tasks.SKILLS.get(meta.get("skill")) if "reference" in meta else None
+        if grader is None and meta != last_meta:  # prompts of one file often share their meta
+            last_meta, meta_json = meta, _JSON(meta)
+        n = len(choices)
+        c_tok = reply.get("completion_tokens", 0) // max(1, n)
+        for i, c in enumerate(choices):
+            p_tok = reply.get("prompt_tokens", 0) if i == 0 else 0
+            if grader is not None:
+                last_meta = None
+                meta_json = _JSON({**meta, "correct": grader.grade(c["text"], str(meta["reference"]))})
+            finish = c.get("finish_reason")
+            lp = c.get("logprobs")
+            if lp is not None:
+                logprobs = True
+                top = top or any(t.get("top") for t in lp)
+            yield (f'{{"id":"{key if n == 1 else f"{key}:{i}"}",{head},"completion":{_JSON(c["text"])},'
+                   f'"usage":{{"prompt_tokens":{p_tok},"completion_tokens":{c_tok},'
+                   f'"cost_usd":{round(cost_usd(cfg, p_tok, c_tok), 8)!r}}},"meta":{meta_json},'
+                   f'"finish_reason":{"null" if finish is None else _JSON(finish)}'
+                   + ("}\n" if lp is None else f',"logprobs":{_JSON(lp)}}}\n'))
+        records += n
+    seen.update(records=records, logprobs=logprobs, top=top)
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temp file + rename: a crash never leaves a half-written output."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    if path.suffix == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        # Nested fields as JSON strings keep one flat, stable schema across teachers.
-        flat = [{k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in r.items()} for r in records]
-        pq.write_table(pa.Table.from_pylist(flat), tmp)
-    else:
-        with open(tmp, "w") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    write(tmp)
     tmp.replace(path)
+
+
+def write_lines(path: Path, lines: Iterable[str]) -> None:
+    """JSON lines (each ending in a newline) to `path`, atomically."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w") as f:
+            f.writelines(lines)
+
+    _write_atomic(path, write)
+
+
+def write_interactions(path: Path, records: Iterable[dict]) -> None:
+    """Records as JSONL or Parquet (by suffix), atomically."""
+    if path.suffix != ".parquet":
+        write_lines(path, (_JSON(r) + "\n" for r in records))
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # Nested fields as JSON strings keep one flat, stable schema across teachers.
+    flat = [{k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in r.items()} for r in records]
+    _write_atomic(path, lambda tmp: pq.write_table(pa.Table.from_pylist(flat), tmp))
 
 
 async def _collect(cfg: CollectConfig, prompts: list[Prompt], store: Store, stats: Stats,
@@ -377,30 +477,41 @@ async def _collect(cfg: CollectConfig, prompts: list[Prompt], store: Store, stat
     await teacher.start(keys or [None])
     identity = teacher.spec.identity()
     errors: list[dict] = []
-    # Requests as plain dicts (the fields of ChatRequest, in its order): millions of pydantic objects would make
-    # a fully cached re-run slower than the records it writes.
+    # Requests as plain dicts (the fields of ChatRequest, in its order), built only for the prompts to send:
+    # millions of pydantic objects would make a fully cached re-run slower than the records it writes.
     params = ChatRequest(messages=[], max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                          n=cfg.samples, top_logprobs=cfg.top_logprobs, seed=cfg.seed).model_dump()
-    dumped = [{**params, "messages": p.messages} for p in prompts]
-    prefix = teacher_prefix(identity)
-    keys_of = [request_key_prefixed(prefix, d) for d in dumped]
     sampling = {k: v for k, v in params.items() if k != "messages"}
-    cached = store.get_many(keys_of)
+    with gc_paused():
+        prompt_json = [canonical_messages(p.messages) for p in prompts]  # hashed into keys, written into records
+        keys_of = request_keys(identity, sampling, prompt_json)
+        found = store.get_many(keys_of)
+        todo = asyncio.Queue()
+        for i, k in enumerate(keys_of):
+            if k not in found:
+                todo.put_nowait(i)
     stats.total = len(prompts)
-    stats.cached = stats.done = sum(1 for k in keys_of if k in cached)
+    stats.cached = stats.done = len(prompts) - todo.qsize()
     pool = KeyPool(keys or [None], cfg.rpm, cfg.tpm)
-    todo = asyncio.Queue()
-    for i, k in enumerate(keys_of):
-        if k not in cached:
-            todo.put_nowait(i)
     reserved = {"usd": 0.0, "tokens": 0.0}
     stop = {"budget": False}
     last_progress = [0.0]
+    teacher_json = json.dumps(identity)
+    pending: list[tuple[str, str, str, float]] = []  # replies received, not yet committed: key, request, reply, latency
 
     def report(force: bool = False):
         if progress and (force or time.monotonic() - last_progress[0] > 0.2):
             last_progress[0] = time.monotonic()
             progress(stats.view())
+
+    def commit() -> None:
+        """Store the replies received since the last commit, then (never before) count them as done."""
+        if pending:
+            now = time.time()
+            store.put_rows([(k, teacher_json, q, r, now, lat) for k, q, r, lat in pending])
+            found.update((k, (r, now, lat)) for k, _, r, lat in pending)
+            stats.done += len(pending)
+            pending.clear()
 
     def estimate(i: int) -> tuple[float, float]:
         # Worst case, so the cap holds whatever the tokenizer: a token covers at least one byte (true of byte-level
@@ -420,6 +531,8 @@ async def _collect(cfg: CollectConfig, prompts: list[Prompt], store: Store, stat
             raise BudgetExceeded
         reserved["usd"] += usd
         reserved["tokens"] += toks
+        # Validated already: the sampling fields by ChatRequest above, the messages when the prompts were read.
+        request = ChatRequest.model_construct(**sampling, messages=prompts[i].messages)
         try:
             attempt = 0
             while True:
@@ -427,7 +540,7 @@ async def _collect(cfg: CollectConfig, prompts: list[Prompt], store: Store, stat
                 t0 = time.monotonic()
                 stats.sent += 1
                 try:
-                    reply = await teacher.complete(ChatRequest.model_validate(dumped[i]), key.value)
+                    reply = await teacher.complete(request, key.value)
                 except TeacherError as e:
                     if e.auth:
                         if key.value is None:
@@ -454,10 +567,9 @@ async def _collect(cfg: CollectConfig, prompts: list[Prompt], store: Store, stat
                                    "attempts": attempt + 1, "ts": utc_now()})
                     return
                 latency = time.monotonic() - t0
-                data = reply.model_dump()
-                store.put(keys_of[i], identity, dumped[i], data, latency)
-                cached[keys_of[i]] = {"reply": data, "created_at": time.time(), "latency_s": latency}
-                stats.done += 1
+                pending.append((keys_of[i], json.dumps({**params, "messages": prompts[i].messages}),
+                                reply.model_dump_json(), latency))
+                # Paid for once the reply is here, stored or not: the budget counts it now.
                 stats.prompt_tokens += reply.prompt_tokens
                 stats.completion_tokens += reply.completion_tokens
                 stats.spent_usd += cost_usd(cfg, reply.prompt_tokens, reply.completion_tokens)
@@ -465,10 +577,17 @@ async def _collect(cfg: CollectConfig, prompts: list[Prompt], store: Store, stat
         finally:
             reserved["usd"] -= usd
             reserved["tokens"] -= toks
+
+    async def committer() -> None:
+        while True:
+            await asyncio.sleep(COMMIT_EVERY_S)
+            commit()
             report()
 
+    committing = asyncio.ensure_future(committer())
+
     async def worker():
-        while not todo.empty() and not stop["budget"]:
+        while not todo.empty() and not stop["budget"] and not committing.done():
             i = todo.get_nowait()
             try:
                 await one(i)
@@ -480,39 +599,37 @@ async def _collect(cfg: CollectConfig, prompts: list[Prompt], store: Store, stat
     try:
         results = await asyncio.gather(*(worker() for _ in range(min(cfg.concurrency, max(1, todo.qsize())))),
                                        return_exceptions=True)
+        if committing.done():  # it ends by itself only when a commit failed: raise that
+            committing.result()
         for r in results:
             if isinstance(r, BaseException):
                 raise r
     finally:
+        committing.cancel()
+        commit()  # whatever arrived is kept, even when the run fails or is interrupted
         await teacher.close()
     if stop["budget"]:
         stats.skipped_budget = stats.total - stats.done - stats.errors
     report(force=True)
-
-    records: list[dict] = []
-    for i, k in enumerate(keys_of):
-        if k in cached:
-            row = cached[k]
-            created = row["created_at"]
-            created_iso = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(created % 1 * 1000):03d}Z"
-            records += interactions_for(k, prompts[i], identity, sampling, row["reply"], created_iso,
-                                        row["latency_s"], cfg)
-    capability = teacher.capability
-    if cfg.backend != "hf":
-        lps = [r.get("logprobs") for r in records if r.get("logprobs")]
-        capability = ("top_k_logprobs" if any(t.get("top") for lp in lps for t in lp) else
-                      "token_logprobs" if lps else "text")
-    return Outcome(identity, capability, records, errors, stop["budget"])
+    return Outcome(identity, teacher.capability, sampling, keys_of, prompt_json, found, errors, stop["budget"])
 
 
 def run(cfg: CollectConfig, progress: Callable[[dict], None] | None = None) -> dict:
     """Collect, write interactions + manifest, and return the manifest."""
+    try:
+        return _run(cfg, progress)
+    finally:
+        gc.unfreeze()  # what `gc_paused` froze is freed or long-lived again: the collector may walk it
+
+
+def _run(cfg: CollectConfig, progress: Callable[[dict], None] | None) -> dict:
     started = utc_now()
     bad: list[str] = []
-    prompts, sources = load_prompts(cfg, bad)
-    shard_i, shard_n = parse_shard(cfg.shard)
-    if shard_n > 1:
-        prompts = [p for p in prompts if shard_of(p.messages, shard_n) == shard_i]
+    with gc_paused():
+        prompts, sources = load_prompts(cfg, bad)
+        shard_i, shard_n = parse_shard(cfg.shard)
+        if shard_n > 1:
+            prompts = [p for p in prompts if shard_of(p.messages, shard_n) == shard_i]
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     cfg.dump(out.parent / "config.json")
@@ -522,9 +639,17 @@ def run(cfg: CollectConfig, progress: Callable[[dict], None] | None = None) -> d
         res = asyncio.run(_collect(cfg, prompts, store, stats, progress))
     finally:
         store.close()
-    identity, capability, records, errors, budget_hit = (res.identity, res.capability, res.records, res.errors,
-                                                         res.budget_hit)
-    write_interactions(out, records)
+    seen: dict[str, Any] = {}
+    lines = interaction_lines(cfg, prompts, res, seen)
+    with gc_paused():
+        if out.suffix == ".parquet":
+            write_interactions(out, (json.loads(line) for line in lines))
+        else:
+            write_lines(out, lines)
+    capability = res.capability
+    if cfg.backend != "hf":  # an API's capability is what its replies held
+        capability = "top_k_logprobs" if seen["top"] else "token_logprobs" if seen["logprobs"] else "text"
+    errors = res.errors
     if errors or bad:
         with open(out.parent / "errors.jsonl", "w") as f:
             for e in errors:
@@ -535,14 +660,14 @@ def run(cfg: CollectConfig, progress: Callable[[dict], None] | None = None) -> d
     manifest = {
         "kind": "alambic.collect",
         "alambic_version": __version__,
-        "teacher": identity,
+        "teacher": res.identity,
         "capability": capability,
         "sampling": {"samples": cfg.samples, "temperature": cfg.temperature, "top_p": cfg.top_p,
                      "max_tokens": cfg.max_tokens, "top_logprobs": cfg.top_logprobs, "seed": cfg.seed},
         "sources": sources,
         "shard": cfg.shard,
         "prompts": len(prompts),
-        "records": len(records),
+        "records": seen["records"],
         "from_cache": stats.cached,
         "requests_sent": stats.sent,
         "retries": stats.retries,
@@ -552,8 +677,8 @@ def run(cfg: CollectConfig, progress: Callable[[dict], None] | None = None) -> d
         "prompt_tokens": stats.prompt_tokens,
         "completion_tokens": stats.completion_tokens,
         "spent_usd": round(stats.spent_usd, 6),
-        "budget_stop": budget_hit,
-        "not_collected_budget": stats.skipped_budget if budget_hit else 0,
+        "budget_stop": res.budget_hit,
+        "not_collected_budget": stats.skipped_budget if res.budget_hit else 0,
         "started_at": started,
         "ended_at": utc_now(),
         "elapsed_s": round(view["elapsed_s"], 2),
