@@ -218,6 +218,20 @@ def _demo(cfg):
     out.print(f"demo finished in {result['seconds']:.0f}s ({stages}); outputs in {cfg.out}")
 
 
+def _demo_smollm2(cfg):
+    import json
+
+    from .smollm2 import run
+
+    with collect_progress() as progress:
+        result = run(cfg, log=lambda msg: console.print(msg), progress=progress)
+    print_evaluation(json.loads((Path(cfg.out) / "evaluate" / "evaluation.json").read_text()))
+    if result.get("report"):
+        out.print(f"report: {result['report']}")
+    stages = ", ".join(f"{k} {v:.0f}s" for k, v in result["stages"].items())
+    out.print(f"smollm2 profile finished in {result['seconds']:.0f}s ({stages}); outputs in {cfg.out}")
+
+
 def _fmt_pct(x) -> str:
     return "—" if x is None else f"{100 * x:.1f}%"
 
@@ -300,6 +314,7 @@ def _register() -> None:
     from .collect import CollectConfig
     from .demo import DemoConfig
     from .serve import ServeConfig
+    from .smollm2 import Smollm2Config
     from .teacher import TeacherConfig
 
     command(teacher_app, "train", TeacherConfig, _teacher_train, help="Train the demo teacher on the skill suite.")
@@ -349,6 +364,8 @@ def _register() -> None:
     command(guard_app, "provenance", ProvenanceConfig, _guard("provenance"),
             help="Was this suspect model trained on our watermarked outputs? Radioactivity test with a null check.")
     command(app, "demo", DemoConfig, _demo, help="Run the main job offline on the embedded demo teacher.")
+    command(app, "demo-smollm2", Smollm2Config, _demo_smollm2,
+            help="The demo on a real LLM: SmolLM2-135M-Instruct teaches a student pruned from itself (slow).")
 
 
 def version_callback(value: bool):
