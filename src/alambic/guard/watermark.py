@@ -39,8 +39,9 @@ from ..config import Config
 
 DOMAIN = b"alambic-watermark-v1"  # domain separation: the key is never used by any other HMAC
 
-# Defaults measured on the demo teacher (see docs/watermark.md): its 104-token vocabulary is tiny, so a short
-# context keeps the number of distinct windows small enough for a student to learn their green lists.
+# Defaults from the measurements in docs/watermark.md: delta 2 costs the demo teacher ~2 points of held-out accuracy
+# (delta 4: ~13); with the demo's 104-token vocabulary, k=1 keeps the windows few enough for a small student to learn
+# their green lists (students of a sampled tiny teacher were detected at p < 1e-18 with 50% watermarked data).
 DEFAULT_CONTEXT_WIDTH = 1
 DEFAULT_GAMMA = 0.25
 DEFAULT_DELTA = 2.0
