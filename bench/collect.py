@@ -84,7 +84,10 @@ def alambic_run(url: str, prompt_file: Path, tmp: Path, concurrency: int, tag: s
     t0 = time.perf_counter()
     m = collect.run(cfg)
     rate = m["requests_sent"] / (time.perf_counter() - t0)
-    assert m["records"] == m["requests_sent"] and m["errors"] == 0
+    errors = Path(cfg.out).parent / "errors.jsonl"
+    assert m["records"] == m["requests_sent"] and m["errors"] == 0, (
+        {k: m[k] for k in ("records", "requests_sent", "retries", "errors")},
+        errors.read_text()[:2000] if errors.exists() else "")
     return rate
 
 

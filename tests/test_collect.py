@@ -26,7 +26,10 @@ from starlette.routing import Route
 
 from alambic import collect
 from alambic.collect import CollectConfig, parse_shard, read_prompt_file, shard_of
+from alambic.records import Interaction
+from alambic.store import Store, canonical, canonical_messages, request_key, request_keys
 from alambic.tasks import SKILLS
+from alambic.teachers import ChatRequest, TeacherSpec, make_teacher
 
 
 def cfg_for(server, tmp_path: Path, **kw) -> CollectConfig:
@@ -107,6 +110,10 @@ def test_collect_writes_records_and_manifest(tiny_server, tmp_path, key_env):
     assert r["teacher"]["model"] == tiny_server.model and r["meta"]["skill"] == "string_ops"
     assert len(r["logprobs"][0]["top"]) == 3 and r["usage"]["prompt_tokens"] > 0
     assert len({x["id"] for x in recs}) == 12
+    # The lines are assembled from fragments: each must still be the Interaction contract, graded.
+    for x in recs:
+        Interaction.model_validate(x)
+        assert isinstance(x["meta"]["correct"], bool) and x["latency_s"] > 0 and x["created_at"].endswith("Z")
     # No secret anywhere in what was written.
     for f in (tmp_path / "out").iterdir():
         assert tiny_server.keys["alice"] not in f.read_text()
@@ -121,6 +128,56 @@ def test_cache_reuse_rerun_extend_and_unrelated_options(tiny_server, tmp_path, k
     assert more["requests_sent"] == 5 and more["records"] == 15
     changed = collect.run(cfg_for(tiny_server, tmp_path, n=10, max_tokens=9))  # a different request
     assert changed["requests_sent"] == 10
+
+
+def test_keys_and_canonical_prompts_match_the_plain_encoding():
+    """The spliced keys and the hand-spelled canonical messages must equal the plain encoding, byte for byte
+    (a different byte is a cache miss: paying twice)."""
+    teacher = {"backend": "openai", "base_url": "http://h/v1", "model": "m"}
+    params = ChatRequest(messages=[], max_tokens=7, temperature=0.5, seed=3).model_dump()
+    del params["messages"]
+    shapes = [
+        [{"role": "user", "content": "plain"}],
+        [{"role": "user", "content": 'caf\u00e9 "q"\n\t\\ \U0001F600 </script>'}],
+        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "x"}],
+        [{"role": "user", "content": "x", "name": "extra key"}],
+        [{"role": "user", "content": ["not", "a", "string"]}],
+    ]
+    texts = [canonical_messages(m) for m in shapes]
+    assert texts == [canonical(m) for m in shapes]
+    assert request_keys(teacher, params, texts) == [request_key(teacher, {**params, "messages": m}) for m in shapes]
+
+
+def test_store_reads_the_same_by_lookup_and_by_scan(tmp_path):
+    store = Store(tmp_path / "s.sqlite")
+    teacher = {"backend": "openai", "model": "m"}
+    rows = [(f"k{i}", teacher, {"i": i}, {"choices": [{"text": str(i)}]}, i / 10) for i in range(40)]
+    store.put_many(rows)
+    few = store.get_many(["k3", "k7", "absent"])  # a small share: looked up by key
+    every = store.get_many([f"k{i}" for i in range(40)] + ["absent"])  # most of the store: one sequential pass
+    assert set(few) == {"k3", "k7"} and set(every) == {f"k{i}" for i in range(40)}
+    assert few["k7"] == every["k7"] and json.loads(every["k7"][1]) == {"choices": [{"text": "7"}]}
+    assert every["k7"][3] == 0.7
+    store.close()
+
+
+def test_http_teacher_spreads_requests_over_small_pools(tiny_server):
+    spec = TeacherSpec(base_url=tiny_server.base_url + "/v1", model=tiny_server.model)
+    teacher = make_teacher(spec)
+    request = ChatRequest(messages=[{"role": "user", "content": "Reverse the word: abc"}], max_tokens=2)
+
+    async def go():
+        await teacher.start()
+        try:
+            replies = await asyncio.gather(*(teacher.complete(request, tiny_server.keys["alice"]) for _ in range(20)))
+        finally:
+            await teacher.close()
+        return replies
+
+    assert teacher.pools == []  # nothing opened before it is needed (a fully cached run opens nothing)
+    replies = asyncio.run(go())
+    assert len(replies) == 20 and all(r.choices for r in replies)
+    assert len(teacher.pools) == 3 and teacher.busy == [0, 0, 0]  # 20 at once, 8 per pool at most
 
 
 def test_retries_on_429_500_timeout_and_retry_after(tiny_server, tmp_path, key_env):

@@ -124,13 +124,15 @@ def shard_of(messages: list[dict], n: int) -> int:
     return int.from_bytes(hashlib.sha256(blob).digest()[:8], "big") % n
 
 
-def _row_to_prompt(row: dict[str, Any]) -> Prompt:
-    """One prompt from a file's row; a ValueError says what is wrong with the row (the caller says where)."""
+def _row_to_prompt(row: Any, source: str) -> Prompt:
+    """One prompt from a file's row (its other fields and the file become the meta); a ValueError says what is
+    wrong with the row, the caller says where."""
+    if type(row) is not dict:
+        raise row if isinstance(row, ValueError) else ValueError("expected a JSON object")
     prompt = row.get("prompt")
-    if row.get("messages") is None and type(prompt) is str and prompt.strip():
-        # The common row, {"prompt": "..."}, checked first: files of millions of prompts are read on every re-run.
-        meta = {k: v for k, v in row.items() if k != "prompt" and v is not None} if len(row) > 1 else {}
-        return Prompt([{"role": "user", "content": prompt}], meta)
+    if len(row) == 1 and type(prompt) is str and prompt.strip():
+        # The common row, {"prompt": "..."}, first: files of millions of prompts are read on every re-run.
+        return Prompt([{"role": "user", "content": prompt}], {"source": source})
     if "messages" in row and row["messages"] is not None:
         msgs = row["messages"]
         if isinstance(msgs, str):
@@ -148,6 +150,7 @@ def _row_to_prompt(row: dict[str, Any]) -> Prompt:
     else:
         raise ValueError("needs a non-empty `prompt` string or a `messages` list")
     meta = {k: v for k, v in row.items() if k not in ("prompt", "messages") and v is not None}
+    meta.setdefault("source", source)
     return Prompt(msgs, meta)
 
 
@@ -186,19 +189,12 @@ def read_prompt_file(path: str | Path, skip_bad: bool = False, bad: list[str] | 
     source = str(path)
     for place, row in rows:
         try:
-            if isinstance(row, Exception):
-                raise row
-            if not isinstance(row, dict):
-                raise ValueError("expected a JSON object")
-            p = _row_to_prompt(row)
+            out.append(_row_to_prompt(row, source))
         except ValueError as e:
             problem = f"{where.format(place)}: {e}"
             if not skip_bad:
                 raise ValueError(f"{problem}; fix the line or pass --skip-bad") from None
             bad.append(problem)
-            continue
-        p.meta.setdefault("source", source)
-        out.append(p)
     return out
 
 
@@ -353,7 +349,7 @@ class Outcome:
     sampling: dict
     keys: list[str]  # the cache key of each prompt
     prompt_json: list[str]  # each prompt's messages in the canonical JSON its key hashes
-    found: dict[str, tuple[str, float, float | None]]  # key -> (reply JSON, created_at, latency_s), stored ones
+    found: dict[str, tuple[str, str, float, float | None]]  # key -> (key, reply JSON, created_at, latency_s)
     errors: list[dict]
     budget_hit: bool
 
@@ -373,19 +369,19 @@ def _stored_replies(prompts: list[Prompt], res: Outcome, batch: int = 4096):
     this module; should the array not split back into exactly those, they are decoded one by one instead.
     """
     found = res.found
-    have = [(p, key, msgs) for p, key, msgs in zip(prompts, res.keys, res.prompt_json, strict=True) if key in found]
+    have = [i for i, key in enumerate(res.keys) if key in found]
     for start in range(0, len(have), batch):
         part = have[start : start + batch]
-        rows = [found[key] for _, key, _ in part]
-        texts = [row[0] for row in rows]
+        rows = [found[res.keys[i]] for i in part]
+        texts = [row[1] for row in rows]
         try:
             replies = json.loads("[" + ",".join(texts) + "]")
         except json.JSONDecodeError:
             replies = []
         if len(replies) != len(part):
             replies = [json.loads(t) for t in texts]
-        for (p, key, msgs), reply, (_, created, latency) in zip(part, replies, rows, strict=True):
-            yield p, key, msgs, reply, created, latency
+        for i, reply, (key, _, created, latency) in zip(part, replies, rows, strict=True):
+            yield prompts[i], key, res.prompt_json[i], reply, created, latency
 
 
 def interaction_lines(cfg: CollectConfig, prompts: list[Prompt], res: Outcome, seen: dict[str, Any]):
@@ -400,6 +396,7 @@ def interaction_lines(cfg: CollectConfig, prompts: list[Prompt], res: Outcome, s
     last_sec, last_iso = None, ""
     last_meta, meta_json = None, ""
     records, logprobs, top = 0, False, False
+    cost_json: dict[tuple[int, int], str] = {}  # token counts repeat: price each pair once
     for p, key, msgs, reply, created, latency in _stored_replies(prompts, res):
         choices = reply["choices"]
         served = reply.get("model")
@@ -427,9 +424,11 @@ def interaction_lines(cfg: CollectConfig, prompts: list[Prompt], res: Outcome, s
             if lp is not None:
                 logprobs = True
                 top = top or any(t.get("top") for t in lp)
+            cost = cost_json.get((p_tok, c_tok))
+            if cost is None:
+                cost = cost_json[p_tok, c_tok] = repr(round(cost_usd(cfg, p_tok, c_tok), 8))
             yield (f'{{"id":"{key if n == 1 else f"{key}:{i}"}",{head},"completion":{_JSON(c["text"])},'
-                   f'"usage":{{"prompt_tokens":{p_tok},"completion_tokens":{c_tok},'
-                   f'"cost_usd":{round(cost_usd(cfg, p_tok, c_tok), 8)!r}}},"meta":{meta_json},'
+                   f'"usage":{{"prompt_tokens":{p_tok},"completion_tokens":{c_tok},"cost_usd":{cost}}},"meta":{meta_json},'
                    f'"finish_reason":{"null" if finish is None else _JSON(finish)}'
                    + ("}\n" if lp is None else f',"logprobs":{_JSON(lp)}}}\n'))
         records += n
@@ -509,7 +508,7 @@ async def _collect(cfg: CollectConfig, prompts: list[Prompt], store: Store, stat
         if pending:
             now = time.time()
             store.put_rows([(k, teacher_json, q, r, now, lat) for k, q, r, lat in pending])
-            found.update((k, (r, now, lat)) for k, _, r, lat in pending)
+            found.update((k, (k, r, now, lat)) for k, _, r, lat in pending)
             stats.done += len(pending)
             pending.clear()
 

@@ -98,8 +98,8 @@ class Store:
                 self.db.execute(f"PRAGMA user_version={i + 1}")
                 self.db.execute("COMMIT")
 
-    def get_many(self, keys: Iterable[str]) -> dict[str, tuple[str, float, float | None]]:
-        """Stored rows for those keys that exist: key -> (reply as JSON text, created_at, latency_s).
+    def get_many(self, keys: Iterable[str]) -> dict[str, tuple[str, str, float, float | None]]:
+        """Stored rows for those keys that exist: key -> (key, reply as JSON text, created_at, latency_s).
 
         The reply stays text: a re-run decodes each one once, as it writes the record. A run that asks for a
         large share of the store (a re-run of a finished run) reads it in one sequential pass: past about a
@@ -107,21 +107,19 @@ class Store:
         ~9 us a key looked up, 200k rows).
         """
         keys = list(keys)
-        found: dict[str, tuple[str, float, float | None]] = {}
         with self.lock:
             rows = self.db.execute("SELECT MAX(rowid) FROM responses").fetchone()[0] or 0  # >= the row count
             if 4 * len(keys) >= rows:
                 want = set(keys)
                 sql = "SELECT key, reply, created_at, latency_s FROM responses"
-                found.update((k, (reply, created, lat)) for k, reply, created, lat in self.db.execute(sql)
-                             if k in want)
-                return found
+                return {row[0]: row for row in self.db.execute(sql) if row[0] in want}
+            found = {}
             chunk = 900  # under SQLite's default limit of host parameters
             for i in range(0, len(keys), chunk):
                 part = keys[i : i + chunk]
                 marks = ",".join("?" * len(part))
                 sql = f"SELECT key, reply, created_at, latency_s FROM responses WHERE key IN ({marks})"
-                found.update((k, (reply, created, lat)) for k, reply, created, lat in self.db.execute(sql, part))
+                found.update((row[0], row) for row in self.db.execute(sql, part))
         return found
 
     def put_many(self, rows: Iterable[tuple[str, dict, dict, dict, float | None]]) -> int:
