@@ -1,8 +1,12 @@
 """Benchmark: `alambic collect` against a minimal raw httpx asyncio loop, and a fully cached re-run.
 
 Both clients hit the same `alambic serve` (in its own process, fixed-response mode, so the server is not the
-bottleneck) at the same concurrency, alternating, in one run. Then the store is filled with N cached replies
-(as a previous run would leave it) and `collect` re-runs over them: records/s of a run that sends nothing.
+bottleneck) with the same prompts at the same concurrency, alternating, in one run. The baseline is the simplest
+correct loop a user would write (a semaphore, one shared client, post and parse); collect does more per request
+(store, key pool, budget) and spreads its connections over small httpx pools. Then the store is filled with N
+cached replies (as a previous run would leave it) and `alambic collect` re-runs over them through the CLI entry
+point, writing its outputs: records/s of a run that sends nothing. Both figures are wall-clock; on a shared
+machine the cached run's records per CPU-second of this process and the load average are given beside them.
 
     python bench/collect.py [--quick]
 Prints one JSON line and writes bench/results/collect.json.
@@ -14,17 +18,19 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import httpx
 
-from alambic import collect
+from alambic import cli, collect
 from alambic.modeling import build_model, char_tokenizer
 from alambic.store import Store, request_key
 from alambic.teachers import ChatRequest
@@ -77,26 +83,34 @@ async def raw_loop(url: str, prompts: list[str], concurrency: int) -> float:
         return len(prompts) / (time.perf_counter() - t0)
 
 
-def alambic_run(url: str, prompt_file: Path, tmp: Path, concurrency: int, tag: str) -> float:
+def alambic_run(url: str, prompt_file: Path, tmp: Path, concurrency: int, tag: str) -> tuple[float, int]:
+    """(prompts answered per second, retries) of `collect.run` over the prompt file."""
     cfg = collect.CollectConfig(base_url=url + "/v1", prompts=str(prompt_file), max_tokens=8,
                                 concurrency=concurrency, store=str(tmp / f"store-{tag}.sqlite"),
                                 out=str(tmp / f"out-{tag}" / "interactions.jsonl"))
     t0 = time.perf_counter()
     m = collect.run(cfg)
-    rate = m["requests_sent"] / (time.perf_counter() - t0)
+    rate = m["records"] / (time.perf_counter() - t0)
     errors = Path(cfg.out).parent / "errors.jsonl"
-    assert m["records"] == m["requests_sent"] and m["errors"] == 0, (
+    assert m["records"] == m["prompts"] and m["errors"] == 0, (
         {k: m[k] for k in ("records", "requests_sent", "retries", "errors")},
         errors.read_text()[:2000] if errors.exists() else "")
-    return rate
+    return rate, m["retries"]
 
 
-def cached_rerun(tmp: Path, n: int) -> float:
+def cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def cached_rerun(tmp: Path, n: int) -> tuple[float, float]:
+    """(records/s, records per CPU-second) of `alambic collect` over n prompts whose replies are all stored."""
     prompts = [f"Reverse the word: w{i:07d}" for i in range(n)]
     pf = tmp / "cached.jsonl"
     pf.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    out = tmp / "cached-out" / "interactions.jsonl"
     cfg = collect.CollectConfig(base_url="http://127.0.0.1:9/v1", model="m", prompts=str(pf), max_tokens=8,
-                                store=str(tmp / "cached.sqlite"), out=str(tmp / "cached-out" / "interactions.jsonl"))
+                                store=str(tmp / "cached.sqlite"), out=str(out))
     spec = cfg.teacher_spec().identity()
     reply = {"choices": [{"text": FIXED, "finish_reason": "stop", "logprobs": None}], "prompt_tokens": 30,
              "completion_tokens": 4, "model": "m"}
@@ -107,11 +121,17 @@ def cached_rerun(tmp: Path, n: int) -> float:
     store = Store(cfg.store)
     store.put_many(rows)
     store.close()
-    t0 = time.perf_counter()
-    m = collect.run(cfg)  # the URL is unreachable: a single request would fail the run
-    el = time.perf_counter() - t0
+    del rows
+    args = ["collect", "--base-url", cfg.base_url, "--model", "m", "--prompts", str(pf), "--max-tokens", "8",
+            "--store", cfg.store, "--out", str(out)]
+    t0, c0 = time.perf_counter(), cpu_s()
+    with open(os.devnull, "w") as null, redirect_stdout(null), redirect_stderr(null):  # the progress bar, the table
+        cli.app(args, standalone_mode=False)  # the URL is unreachable: a single request would fail the run
+    el, cpu = time.perf_counter() - t0, cpu_s() - c0
+    m = json.loads((out.parent / "manifest.json").read_text())
     assert m["requests_sent"] == 0 and m["records"] == n
-    return n / el
+    assert sum(1 for _ in open(out)) == n
+    return n / el, n / cpu
 
 
 def main() -> None:
@@ -124,25 +144,27 @@ def main() -> None:
         tmp = Path(d)
         proc, url = start_server(tmp)
         try:
-            ratios, raw_rates, ours = [], [], []
+            ratios, raw_rates, ours, retries = [], [], [], 0
             for r in range(rounds):
                 prompts = [f"Reverse the word: r{r}x{i:06d}" for i in range(n)]
                 pf = tmp / f"p{r}.jsonl"
                 pf.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
                 # Alternate which client goes first, so drift on a noisy machine hits both alike.
                 if r % 2:
-                    a = alambic_run(url, pf, tmp, args.concurrency, str(r))
+                    a, again = alambic_run(url, pf, tmp, args.concurrency, str(r))
                     b = asyncio.run(raw_loop(url, prompts, args.concurrency))
                 else:
                     b = asyncio.run(raw_loop(url, prompts, args.concurrency))
-                    a = alambic_run(url, pf, tmp, args.concurrency, str(r))
+                    a, again = alambic_run(url, pf, tmp, args.concurrency, str(r))
+                retries += again  # counted against collect: a retried prompt took two requests' time
                 ours.append(a)
                 raw_rates.append(b)
                 ratios.append(a / b)
         finally:
             proc.terminate()
             proc.wait(10)
-        cached = cached_rerun(tmp, n_cached)
+        load = os.getloadavg()[0]
+        cached, cached_cpu = cached_rerun(tmp, n_cached)
     result = {
         "bench": "collect",
         "quick": args.quick,
@@ -151,9 +173,12 @@ def main() -> None:
         "alambic_rps": round(statistics.median(ours), 1),
         "raw_httpx_rps": round(statistics.median(raw_rates), 1),
         "ratio_vs_httpx": round(statistics.median(ratios), 3),
+        "alambic_retries": retries,
         "cached_records": n_cached,
         "cached_records_per_s": round(cached),
+        "cached_records_per_cpu_s": round(cached_cpu),
         "cpu_count": os.cpu_count(),
+        "load_avg_1m": round(load, 2),
     }
     line = json.dumps(result)
     print(line)
