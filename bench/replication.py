@@ -165,10 +165,11 @@ def main() -> None:
     ap.add_argument("--work", default="runs/replication")
     ap.add_argument("--warm-steps", type=int, nargs="+", default=[500, 1000], help="sft warm-start stages, chained")
     ap.add_argument("--warm-lr", type=float, default=3e-3)
-    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--n-eval", type=int, default=50)
+    ap.add_argument("--no-train", action="store_true", help="evaluate and report the finished runs only")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -191,6 +192,8 @@ def main() -> None:
     for seed in args.seeds:  # every arm's seed 0 first, so a cut-short grid still compares all arms
         for loss, extra in ARMS.items():
             out = work / f"{loss}-s{seed}"
+            if args.no_train and not (out / "manifest.json").exists():
+                continue
             train(out, data, student, loss, extra, args.steps, args.lr, seed)
             res = evaluate(str(out), work / "eval2" / f"{loss}-s{seed}.json", args.n_eval)
             runs.append({"loss": loss, "seed": seed} | res | final_metrics(out))
@@ -198,11 +201,16 @@ def main() -> None:
     summary = {}
     for loss in ARMS:
         means = [r["mean"] for r in runs if r["loss"] == loss]
+        if not means:
+            continue
         summary[loss] = {
             "mean": round(statistics.mean(means), 4),
             "per_seed": means,
             "half_range": round((max(means) - min(means)) / 2, 4),
-        } | {s: round(statistics.mean(r[s] for r in runs if r["loss"] == loss), 4) for s in SKILLS}
+        } | {
+            k: round(statistics.mean(r[k] for r in runs if r["loss"] == loss), 4)
+            for k in [*SKILLS, "answer_charF", "token_kl_fwd", "teacher_nll_of_student"]
+        }
     report = {
         "bench": "replication",
         "skills": SKILLS,
@@ -214,6 +222,9 @@ def main() -> None:
         "batch_size": 16,
         "packing": False,
         "seeds": args.seeds,
+        "runs_missing": [
+            f"{k}-s{s}" for s in args.seeds for k in ARMS if not (work / f"{k}-s{s}" / "manifest.json").exists()
+        ],
         "arms": {"sft": "teacher text", "forward_kl": "stored top-5 + tail", "reverse_kl": "stored top-5 + tail"}
         | {"on_policy": " ".join(ARMS["on_policy"])},
         "reference": rows,
