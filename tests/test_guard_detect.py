@@ -124,6 +124,7 @@ def test_small_heavy_campaign_among_small_benign_accounts_flags_no_benign(tmp_pa
     assert all(a["flagged"] for a in bulk) and len({a["campaign"] for a in bulk}) == 1
 
 
+@pytest.mark.slow
 def test_exchanges_before_detection_replayed_in_time_order(tmp_path):
     """Detection re-run every 24 h on the log so far: each campaign's exchanges served before the run that found it,
     checked against a count made here from the log and the labels."""
