@@ -6,8 +6,9 @@ Writes: interactions (JSONL or Parquet, the record of DESIGN.md), errors.jsonl, 
 
 The engine: one asyncio task per in-flight request (bounded by `concurrency`), a pool of API keys each with
 its own requests/min and tokens/min buckets, retries with jittered exponential backoff that honour
-`Retry-After`, keys retired on 401/403, and the budget checked *before* each request is sent. Every reply is
-committed to the store as it arrives, so a crash or Ctrl-C resumes where it stopped.
+`Retry-After`, keys retired on 401/403, and the budget checked *before* each request is sent. Replies are
+committed to the store every `COMMIT_EVERY_S` and a prompt counts as done only once committed, so a crash or
+Ctrl-C resumes where it stopped. A re-run served from the store streams its records straight to the output.
 """
 
 from __future__ import annotations
@@ -171,7 +172,7 @@ def read_prompt_file(path: str | Path, skip_bad: bool = False, bad: list[str] | 
         raise FileNotFoundError(f"prompt file {str(path)!r} not found")
     bad = bad if bad is not None else []
     suffix = path.suffix.lower()
-    where = f"{path}:{{}}"  # a row's place, filled in only for a bad row
+    where = f"{path}:"  # a bad row is named by this and its place
     if suffix in (".jsonl", ".json"):
         with open(path) as f:
             rows = list(_jsonl_rows(f))
@@ -181,7 +182,7 @@ def read_prompt_file(path: str | Path, skip_bad: bool = False, bad: list[str] | 
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        where = f"{path}: row {{}}"
+        where = f"{path}: row "
         rows = list(enumerate(pq.read_table(path).to_pylist()))
     else:
         raise ValueError(f"prompt file {str(path)!r}: unknown format {suffix!r}; use .jsonl, .csv or .parquet")
@@ -191,7 +192,7 @@ def read_prompt_file(path: str | Path, skip_bad: bool = False, bad: list[str] | 
         try:
             out.append(_row_to_prompt(row, source))
         except ValueError as e:
-            problem = f"{where.format(place)}: {e}"
+            problem = f"{where}{place}: {e}"
             if not skip_bad:
                 raise ValueError(f"{problem}; fix the line or pass --skip-bad") from None
             bad.append(problem)
