@@ -145,7 +145,7 @@ def main() -> None:
     ap.add_argument("--context-width", type=int, default=W.DEFAULT_CONTEXT_WIDTH)
     ap.add_argument("--gamma", type=float, default=W.DEFAULT_GAMMA)
     ap.add_argument("--delta", type=float, default=W.DEFAULT_DELTA)
-    ap.add_argument("--temperature", type=float, default=0.3, help="sampling temperature of the suspect students")
+    ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the suspect students")
     args = ap.parse_args()
     torch.set_num_threads(1)
     n_eval, n_train, steps, n_prov, samples = (20, 100, 100, 20, 2) if args.quick else (100, 400, 500, 100, 2)
