@@ -149,6 +149,7 @@ def evaluate(model_dir: str, cache: Path, n: int) -> dict:
     res["teacher_nll_of_student"] = round(teacher_nll(teacher, examples, replies), 4)
     same = [it.answer(r) == it.answer(t) for it, r, t in zip(items, replies, t_replies, strict=True)]
     res["answer_agreement"] = round(statistics.mean(same), 4)
+    res["correct"] = [int(it.correct(r)) for it, r in zip(items, replies, strict=True)]  # for the paired test
     res["eval_s"] = round(time.time() - t0, 1)
     cache.write_text(json.dumps(res))
     return res
@@ -211,6 +212,27 @@ def main() -> None:
             k: round(statistics.mean(r[k] for r in runs if r["loss"] == loss), 4)
             for k in [*SKILLS, "answer_charF", "token_kl_fwd", "teacher_nll_of_student"]
         }
+    # Paired exact tests (McNemar, as a binomial test on the discordant pairs) between every two arms, over the
+    # (seed, prompt) pairs: every arm answered the same prompts, which overlapping per-run intervals ignore.
+    from scipy.stats import binomtest
+
+    paired = {}
+    arms = list(summary)
+    for i, a in enumerate(arms):
+        for b in arms[i + 1 :]:
+            pairs = [
+                (x, y)
+                for ra in runs
+                if ra["loss"] == a
+                for rb in runs
+                if rb["loss"] == b and rb["seed"] == ra["seed"]
+                for x, y in zip(ra["correct"], rb["correct"], strict=True)
+            ]
+            wins, losses = sum(x > y for x, y in pairs), sum(x < y for x, y in pairs)
+            p = binomtest(wins, wins + losses).pvalue if wins + losses else 1.0
+            paired[f"{a} vs {b}"] = {"a_only_right": wins, "b_only_right": losses, "p": round(float(p), 4)}
+    for r in [*runs, *rows.values()]:
+        r.pop("correct", None)
     report = {
         "bench": "replication",
         "skills": SKILLS,
@@ -230,6 +252,7 @@ def main() -> None:
         "reference": rows,
         "runs": runs,
         "summary": summary,
+        "paired_tests": paired,
         "wall_s": round(time.time() - t0, 1),
     }
     RESULTS.parent.mkdir(exist_ok=True)
