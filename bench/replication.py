@@ -14,10 +14,13 @@ Design (all runs sequential, one torch thread, `nice`, because the box has 2 sha
   (GKD: λ = 0.5 of steps on the student's own samples, reverse KL, scored with the local teacher's full logits);
   seeds 0 and 1 (data order, split and sampling; the warm start is shared);
 - greedy accuracy on `--n-eval` held-out prompts per skill (`tasks.generate(..., "test", seed=0)`, the same
-  prompts for every student and the teacher), with a Wilson 95% interval per run.
+  prompts for every student and the teacher), with a Wilson 95% interval per run and paired exact tests between
+  arms; beside it continuous measures (answer char-F, forward token KL, the teacher's NLL of the student's replies),
+  since exact match is near the floor for a student this small.
 
-    python bench/replication.py [--steps N] [--warm-steps N ...] [--seeds 0 1] [--n-eval 50]
-Re-running skips the trainings and evaluations already in `--work` (default runs/replication).
+    python bench/replication.py [--steps N] [--warm-steps N ...] [--seeds 0 1] [--n-eval 50] [--no-train]
+Re-running skips the trainings and evaluations already in `--work` (default runs/replication); `--no-train` reports
+the finished runs only.
 Prints one JSON line and writes bench/results/replication.json.
 """
 
