@@ -161,6 +161,9 @@ def run(cfg: Smollm2Config, log: Callable[[str], None] = lambda _: None,
             base_url=url + "/v1", api_keys_file=str(keys_file), teacher_id=f"smollm2:{gguf.stem}:{digest[:16]}",
             prompts=str(train_file), max_tokens=cfg.max_tokens, top_logprobs=cfg.top_logprobs,
             concurrency=cfg.concurrency, store=str(out / "cache.sqlite"),
+            # The server decodes every request in one batch; on a busy CPU a batch can take minutes, and a request
+            # that timed out would be sent again while the server still works on it.
+            timeout_s=3600,
             out=str(out / "collect" / "interactions.jsonl")), progress=progress)
     stage("collect")
 
