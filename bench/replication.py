@@ -256,7 +256,8 @@ def main() -> None:
         "runs": runs,
         "summary": summary,
         "paired_tests": paired,
-        "wall_s": round(time.time() - t0, 1),
+        "train_s_total": round(sum(r["train_s"] for r in [*runs, *rows.values()] if "train_s" in r), 1),
+        "this_invocation_wall_s": round(time.time() - t0, 1),
     }
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=1) + "\n")
