@@ -55,3 +55,9 @@ def test_demo_cli_prints_summary(tiny_model_dir, tmp_path):
     assert res.exit_code == 0, res.output
     for shown in ("held-out accuracy", "collected from", "student vs teacher", "report:", "demo finished"):
         assert shown in res.output, shown
+
+
+def test_demo_unknown_profile_is_a_clear_error(tmp_path):
+    res = CliRunner().invoke(app, ["demo", "--profile", "gpt5", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2
+    assert "profile" in res.output and "smollm2" in res.output

@@ -196,6 +196,10 @@ def _train(cfg):
 def _demo(cfg):
     from .demo import run
 
+    if cfg.profile == "smollm2":
+        from .smollm2 import Smollm2Config
+
+        return _demo_smollm2(Smollm2Config(out=cfg.out if cfg.out != "runs/demo" else "runs/smollm2", seed=cfg.seed))
     with collect_progress() as progress:
         result = run(cfg, log=lambda msg: console.print(msg), progress=progress)
     print_accuracy(f"demo teacher answering over HTTP ({result['teacher_url']})", result["teacher_accuracy"])

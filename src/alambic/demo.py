@@ -17,6 +17,7 @@ import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import httpx
 from pydantic import Field
@@ -30,6 +31,9 @@ DEMO_TEACHER = Path(__file__).resolve().parents[2] / "models" / "demo-teacher"
 class DemoConfig(Config):
     """Settings of the offline demo."""
 
+    profile: Literal["tiny", "smollm2"] = Field(
+        "tiny", description="tiny: the embedded demo teacher; smollm2: SmolLM2-135M-Instruct as the teacher (slow; "
+                            "every size flag: `alambic demo-smollm2 --help`)")
     teacher: str = Field(str(DEMO_TEACHER), description="teacher model directory to serve")
     out: str = Field("runs/demo", description="run folder for the demo's outputs")
     n_eval: int = Field(100, gt=0, description="held-out prompts per skill")
