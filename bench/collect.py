@@ -29,6 +29,7 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import httpx
+from _results import publish  # bench/ is the script's directory, so on sys.path
 
 from alambic import cli, collect
 from alambic.modeling import build_model, char_tokenizer
@@ -180,11 +181,7 @@ def main() -> None:
         "cpu_count": os.cpu_count(),
         "load_avg_1m": round(load, 2),
     }
-    line = json.dumps(result)
-    print(line)
-    out = Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
-    (out / "collect.json").write_text(line + "\n")
+    publish("collect", result)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _results import publish  # bench/ is the script's directory, so on sys.path
+
 GIB = 2**20  # ru_maxrss is in KiB on Linux
 
 
@@ -151,10 +153,7 @@ def main() -> None:
         "threads": args.threads,
         "memory_limit": args.memory_limit,
     }
-    out = Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
-    (out / ("detect_quick.json" if args.quick else "detect.json")).write_text(json.dumps(line, indent=2) + "\n")
-    print(json.dumps(line))
+    publish("detect_quick" if args.quick else "detect", line)
 
 
 if __name__ == "__main__":

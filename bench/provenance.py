@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from _results import publish  # bench/ is the script's directory, so on sys.path
 
 from alambic import collect, tasks
 from alambic.demo import DEMO_TEACHER, ask_all, teacher_id
@@ -198,10 +199,7 @@ def main() -> None:
         "curve": curve, "control_null_check": null, **speed, "time_to_p_1e-6": ttd,
         "wall_s": round(time.time() - t_start, 1),
     }
-    print(json.dumps(line))
-    name = "provenance" if teacher == str(DEMO_TEACHER) else f"provenance_{Path(teacher).name}"
-    out = Path(__file__).parent / "results" / f"{name}.json"
-    out.write_text(json.dumps(line, indent=2) + "\n")
+    publish("provenance" if teacher == str(DEMO_TEACHER) else f"provenance_{Path(teacher).name}", line)
 
 
 if __name__ == "__main__":

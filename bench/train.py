@@ -36,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _results import publish  # bench/ is the script's directory, so on sys.path
+
 BATCH, MAX_LEN, LR = 16, 512, 1e-3
 
 
@@ -291,10 +293,7 @@ def main() -> None:
 
             torch.set_num_threads(args.threads)
         result = replicate(args.replicate, args.quick)
-        print(json.dumps(result))
-        out = Path(__file__).parent / "results"
-        out.mkdir(exist_ok=True)
-        (out / "train_replication.json").write_text(json.dumps(result, indent=1) + "\n")
+        publish("train_replication", result)
         return
 
     steps = 15 if args.quick else 150
@@ -326,11 +325,7 @@ def main() -> None:
     if "trl_default" in runs:
         result["ratio_tokens_per_s_vs_trl_default"] = round(runs["trl_default"]["loop_s"] / runs["ours"]["loop_s"], 2)
     result.update(size)
-    line = json.dumps(result)
-    print(line)
-    out = Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
-    (out / "train.json").write_text(line + "\n")
+    publish("train", result)
 
 
 if __name__ == "__main__":
