@@ -79,15 +79,6 @@ def allocate(n: int, errors: dict[str, float], floor: float = 0.0) -> dict[str, 
     return counts
 
 
-def _accuracy(model_dir: Path, examples: list[tasks.Example], max_tokens: int) -> dict[str, float]:
-    from .modeling import chat_generate, load
-
-    model, tok = load(model_dir)
-    model.eval()
-    return tasks.accuracy(examples, chat_generate(model, tok, [e.messages for e in examples],
-                                                  max_new_tokens=max_tokens))
-
-
 def _write_prompts(path: Path, pools: dict[str, list[tasks.Example]], counts: dict[str, int]) -> None:
     with open(path, "w") as f:
         for skill, n in counts.items():
@@ -99,6 +90,8 @@ def _write_prompts(path: Path, pools: dict[str, list[tasks.Example]], counts: di
 def run_arm(cfg: LoopConfig, arm: str, seed: int, base_url: str, keys_file: str | None, teacher_id: str | None,
             log: Callable[[str], None]) -> list[dict]:
     """One arm at one seed: its curve, a point per round."""
+    from .modeling import load
+    from .teacher import skill_accuracy
     from .train import trainer
 
     folder = Path(cfg.out) / "loop" / f"{arm}-seed{seed}"
@@ -129,13 +122,14 @@ def run_arm(cfg: LoopConfig, arm: str, seed: int, base_url: str, keys_file: str 
             tokenizer=cfg.tokenizer or teacher_dir, loss=cfg.loss if cfg.top_logprobs else "sft", steps=cfg.steps,
             lr=cfg.lr, batch_size=cfg.batch_size, warmup=min(30, cfg.steps // 10), packing=True, eval_every=0,
             heldout_n=0, save_every=0, seed=seed, threads=cfg.threads, val_fraction=0.0))
-        student_dir = folder / f"round{r}" / "student"
-        acc = _accuracy(student_dir, test, cfg.max_tokens)
+        model, tok = load(folder / f"round{r}" / "student")
+        model.eval()
+        acc = skill_accuracy(model, tok, test, cfg.max_tokens)
         probe = []
         for s in cfg.skills:  # prompts of the train split that this arm has not collected
             asked = {ex.prompt for ex in pools[s][: counts[s]]}
             probe += [ex for ex in probe_pool[s] if ex.prompt not in asked][: cfg.n_probe]
-        probe_acc = _accuracy(student_dir, probe, cfg.max_tokens)
+        probe_acc = skill_accuracy(model, tok, probe, cfg.max_tokens)
         errors = {s: 1 - probe_acc[s] for s in cfg.skills}
         curve.append({"round": r + 1, "queries": sum(counts.values()), "counts": counts,
                       "requests_sent": got["requests_sent"], "accuracy": acc["mean"], "per_skill": acc,
