@@ -19,7 +19,6 @@ Prints one JSON line {"bench": "provenance", ...} and writes bench/results/prove
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import random
@@ -31,7 +30,7 @@ import torch
 from _results import publish  # bench/ is the script's directory, so on sys.path
 
 from alambic import collect, tasks
-from alambic.demo import DEMO_TEACHER, ask_all, teacher_id
+from alambic.demo import DEMO_TEACHER, ask, teacher_id
 from alambic.guard import provenance as P
 from alambic.guard import watermark as W
 from alambic.serve import ServeConfig, serve_in_thread
@@ -52,7 +51,7 @@ def teacher_stage(root: Path, teacher: str, key_file: Path | None, n_eval: int, 
     cfg = ServeConfig(model=teacher, port=0, threads=1,
                       watermark_key_file=str(key_file) if key_file else None)
     with serve_in_thread(cfg) as url:
-        replies = asyncio.run(ask_all(url, [ex.messages for ex in heldout], max_tokens, 32))
+        replies = ask(url, [ex.messages for ex in heldout], max_tokens, 32)
         t0 = time.time()
         m = collect.run(collect.CollectConfig(
             base_url=url + "/v1", teacher_id=f"{teacher_id(teacher)}:{name}", task=list(tasks.SKILLS),

@@ -10,7 +10,6 @@ same) → `alambic evaluate` student beside teacher → `alambic report`.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import secrets
@@ -19,7 +18,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-import httpx
 from pydantic import Field
 
 from . import __version__, collect, tasks
@@ -62,21 +60,11 @@ def teacher_id(folder: str) -> str:
     return f"demo:{Path(folder).name}:{h.hexdigest()[:16]}"
 
 
-async def ask_all(base_url: str, conversations: list[list[dict]], max_tokens: int, concurrency: int,
-                  api_key: str = "demo") -> list[str]:
-    """Greedy answers from an OpenAI-compatible endpoint, `concurrency` requests in flight."""
-    sem = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(base_url=base_url, timeout=120, headers={"Authorization": f"Bearer {api_key}"}) as c:
-        model = (await c.get("/v1/models")).json()["data"][0]["id"]
+def ask(url: str, conversations: list[list[dict]], max_tokens: int, concurrency: int, api_key: str = "") -> list[str]:
+    """Greedy answers of the server at `url` (as `serve_in_thread` gives it), through `evaluate`'s endpoint client."""
+    from .evaluate import Endpoint
 
-        async def one(messages):
-            async with sem:
-                r = await c.post("/v1/chat/completions", json={"model": model, "messages": messages,
-                                                              "max_tokens": max_tokens, "temperature": 0})
-                r.raise_for_status()
-                return r.json()["choices"][0]["message"]["content"]
-
-        return await asyncio.gather(*(one(m) for m in conversations))
+    return Endpoint(url + "/v1", api_key=api_key).answer(conversations, max_tokens, concurrency)[0].replies
 
 
 def find_demo_campaign(cfg: DemoConfig, out: Path, demo_accounts: list[str], log: Callable[[str], None]) -> dict:
@@ -148,8 +136,7 @@ def run(cfg: DemoConfig, log: Callable[[str], None] = lambda _: None,
     t = time.time()
     with serve_in_thread(serve_cfg) as url:
         log(f"asking {len(heldout)} held-out prompts over HTTP at {url}")
-        replies = asyncio.run(ask_all(url, [ex.messages for ex in heldout], cfg.max_tokens, cfg.concurrency,
-                                      api_key=keys[0]))
+        replies = ask(url, [ex.messages for ex in heldout], cfg.max_tokens, cfg.concurrency, api_key=keys[0])
         t = stage("teacher_eval_http", t)
         collected = None
         if cfg.n_collect:

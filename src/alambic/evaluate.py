@@ -192,9 +192,9 @@ class Local:
 class Endpoint:
     """An OpenAI-compatible chat endpoint (alambic serve, vLLM, a provider's API)."""
 
-    def __init__(self, url: str, model: str, api_key_env: str):
+    def __init__(self, url: str, model: str = "", api_key: str = ""):
         self.url = url.rstrip("/")
-        self.key = os.environ.get(api_key_env, "")  # never stored: only the header carries it
+        self.key = api_key  # never written anywhere: only the header carries it
         self.model = model
         self.info = {"kind": "endpoint", "base_url": self.url, "parameters": None, "size_bytes": None}
 
@@ -246,7 +246,9 @@ class Endpoint:
 
 
 def side(spec: str, model: str, key_env: str):
-    return Endpoint(spec, model, key_env) if spec.startswith(("http://", "https://")) else Local(spec)
+    if spec.startswith(("http://", "https://")):
+        return Endpoint(spec, model, os.environ.get(key_env, ""))
+    return Local(spec)
 
 
 # --- fidelity: held-out token KL -------------------------------------------------------------------------------------
