@@ -81,6 +81,14 @@ def packed_batches(data: list[tuple[list[int], list[int]]], seq_len: int, rows: 
                 yield ids, labels  # (rows, seq_len) each
 
 
+def lr_factor(step: int, warmup: int, steps: int) -> float:
+    """Learning-rate multiplier: linear warm-up, then cosine decay to 10% of the peak (teacher and `alambic train`)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+
+
 def skill_accuracy(model, tokenizer, examples: list[tasks.Example], max_new_tokens: int = 160) -> dict[str, float]:
     """Held-out accuracy per skill under greedy decoding, plus the macro average under 'mean'."""
     replies = chat_generate(model, tokenizer, [ex.messages for ex in examples], max_new_tokens=max_new_tokens)
@@ -118,10 +126,7 @@ def run(cfg: TeacherConfig, progress: Callable[[dict], None] | None = None) -> d
     )
 
     def lr_at(step: int) -> float:
-        if step < cfg.warmup:
-            return cfg.lr * (step + 1) / cfg.warmup
-        t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+        return cfg.lr * lr_factor(step, cfg.warmup, cfg.steps)
 
     curve: list[dict] = []
     stream = packed_batches(data, cfg.seq_len, cfg.batch_size, rng)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import platform
 import random
 import shutil
@@ -42,7 +41,7 @@ from pydantic import Field, field_validator
 from .. import __version__, tasks
 from ..config import Config
 from ..modeling import n_params
-from ..teacher import encode, skill_accuracy
+from ..teacher import encode, lr_factor, skill_accuracy
 from . import data as D
 from .losses import LOSSES
 from .students import lora, make_student, merged
@@ -260,14 +259,6 @@ class Signal:
 # --- helpers ---------------------------------------------------------------------------------------------------------
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak."""
-    if step < cfg.warmup:
-        return (step + 1) / cfg.warmup
-    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
-
-
 def teacher_identity(records: list[dict], teacher_dir: str | None, teacher_url: str | None) -> dict:
     seen = {
         json.dumps(
@@ -411,7 +402,7 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> dic
         lr=cfg.lr,
         betas=(0.9, 0.98),
     )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup, cfg.steps))
     model, opt, sched = accelerator.prepare(model, opt, sched)
     if teacher is not None:
         teacher.to(accelerator.device)
