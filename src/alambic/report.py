@@ -286,8 +286,8 @@ def _md_inline(text: str) -> str:
     return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
 
 
-def render(run: dict, title: str, out: Path) -> tuple[Path, Path]:
-    """Write report.html (self-contained) and report.md (+ PNGs) to `out`."""
+def render(run: dict, title: str, out: Path) -> tuple[Path, Path, list[str]]:
+    """Write report.html (self-contained) and report.md (+ PNGs) to `out`; returns both paths and the sections."""
     from jinja2 import Environment
 
     out.mkdir(parents=True, exist_ok=True)
@@ -309,7 +309,7 @@ def render(run: dict, title: str, out: Path) -> tuple[Path, Path]:
     html_path, md_path = out / "report.html", out / "report.md"
     html_path.write_text(page)
     md_path.write_text("\n".join(md) + f"\n\n_alambic {__version__}_\n")
-    return html_path, md_path
+    return html_path, md_path, [p["title"] for p in parts]
 
 
 TEMPLATE = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{{ title }}</title>
@@ -328,8 +328,8 @@ def run(cfg: ReportConfig) -> dict:
     """Render the report of `cfg.run_dir`; returns the paths written and the sections shown."""
     run_dir = Path(cfg.run_dir)
     data = load_run(run_dir)
-    html_path, md_path = render(data, cfg.title, Path(cfg.out) if cfg.out else run_dir / "report")
-    return {"html": str(html_path), "markdown": str(md_path), "sections": [p["title"] for p in sections(data)]}
+    html_path, md_path, titles = render(data, cfg.title, Path(cfg.out) if cfg.out else run_dir / "report")
+    return {"html": str(html_path), "markdown": str(md_path), "sections": titles}
 
 
 __all__ = ["ReportConfig", "load_run", "render", "run", "sections"]
