@@ -91,7 +91,7 @@ def student(root: Path, teacher: str, data: Path, loss: str, steps: int) -> Path
 
 def provenance(root: Path, teacher: str, model: Path, key_file: Path, n: int, samples: int,
                data: list[str] | None = None, null_keys: int = 100, tag: str = "", temperature: float = 1.0,
-               max_tokens: int = 160) -> dict:
+               max_tokens: int = 200) -> dict:
     out = root / "provenance" / f"{model.name}{tag}-t{temperature}"
     cfg = P.ProvenanceConfig(suspect=str(model), key_file=str(key_file), tokenizer=teacher, n=n,
                              samples=samples, temperature=temperature, max_tokens=max_tokens,
@@ -140,7 +140,7 @@ def main() -> None:
     ap.add_argument("--collect-temperature", type=float, default=0.0, help="teacher sampling temperature (0: greedy, "
                     "as the demo collects)")
     ap.add_argument("--steps", type=int, default=None, help="student optimiser steps (default: 500, quick 100)")
-    ap.add_argument("--max-tokens", type=int, default=160, help="max tokens per teacher answer and suspect completion")
+    ap.add_argument("--max-tokens", type=int, default=200, help="max tokens per teacher answer and suspect completion")
     ap.add_argument("--loss", default="forward_kl", help="student loss: forward_kl (top-5 logprobs) or sft")
     ap.add_argument("--context-width", type=int, default=W.DEFAULT_CONTEXT_WIDTH)
     ap.add_argument("--gamma", type=float, default=W.DEFAULT_GAMMA)

@@ -36,7 +36,7 @@ class DemoConfig(Config):
     out: str = Field("runs/demo", description="run folder for the demo's outputs")
     n_eval: int = Field(100, gt=0, description="held-out prompts per skill")
     concurrency: int = Field(32, gt=0, description="requests in flight at once")
-    max_tokens: int = Field(160, gt=0, description="max tokens per teacher answer")
+    max_tokens: int = Field(200, gt=0, description="max tokens per teacher answer")
     seed: int = Field(0, description="seed of the held-out prompts")
     n_collect: int = Field(1000, ge=0, description="training prompts per skill to collect from the teacher")
     top_logprobs: int = Field(5, ge=0, le=20, description="top-k teacher logprobs to collect per token")

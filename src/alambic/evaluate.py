@@ -50,7 +50,7 @@ class EvaluateConfig(Config):
     skills: list[str] = Field(default_factory=lambda: list(tasks.SKILLS), description="built-in skills to evaluate")
     n: int = Field(100, gt=0, description="held-out prompts per built-in skill")
     seed: int = Field(0, description="seed of the held-out prompts")
-    max_tokens: int = Field(160, gt=0, description="max new tokens per reply (greedy decoding)")
+    max_tokens: int = Field(200, gt=0, description="max new tokens per reply (greedy decoding)")
     batch_size: int = Field(64, gt=0, description="local models: prompts generated together")
     concurrency: int = Field(16, gt=0, description="endpoints: requests in flight at once")
     latency_prompts: int = Field(8, ge=0, description="prompts answered one at a time to measure latency")

@@ -47,7 +47,7 @@ class LoopConfig(Config):
     lr: float = Field(3e-3, gt=0, description="student peak learning rate")
     batch_size: int = Field(16, gt=0, description="student packed rows per step")
     top_logprobs: int = Field(5, ge=0, le=20, description="teacher top-k logprobs to collect (0: text only)")
-    max_tokens: int = Field(160, gt=0, description="max tokens per teacher answer")
+    max_tokens: int = Field(200, gt=0, description="max tokens per teacher answer")
     n_probe: int = Field(30, gt=0, description="probe prompts per skill for the allocation")
     n_test: int = Field(50, gt=0, description="held-out test prompts per skill for the curves")
     concurrency: int = Field(32, gt=0, description="teacher requests in flight")

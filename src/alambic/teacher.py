@@ -89,7 +89,7 @@ def lr_factor(step: int, warmup: int, steps: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def skill_accuracy(model, tokenizer, examples: list[tasks.Example], max_new_tokens: int = 160) -> dict[str, float]:
+def skill_accuracy(model, tokenizer, examples: list[tasks.Example], max_new_tokens: int = 200) -> dict[str, float]:
     """Held-out accuracy per skill under greedy decoding, plus the macro average under 'mean'."""
     replies = chat_generate(model, tokenizer, [ex.messages for ex in examples], max_new_tokens=max_new_tokens)
     return tasks.accuracy(examples, replies)

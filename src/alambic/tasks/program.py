@@ -52,11 +52,15 @@ class Program(Skill):
                 text, step, value = st
                 env[text.split(" = ")[0]] = value
                 lines.append(text)
-                trace.append(step)
+                # Each trace line ends with the whole state ("; a=8 b=56"), so every later look-up of a
+                # variable is a copy from the line just above (what small models learn fastest), not a
+                # search for the last line that assigned it. Our first traces without it stalled near 40%.
+                trace.append(f"{step}; " + " ".join(f"{k}={v}" for k, v in sorted(env.items())))
             out = rng.choice(sorted(env))
             lines.append(f"print({out})")
             program = "\n".join(lines)
             prompt = f"What does this program print?\n{program}"
+            trace.append(f"print({out}) = {env[out]}")
             return prompt, str(env[out]), "\n".join(trace + [f"Answer: {env[out]}"])
 
     extract = Arithmetic.extract
