@@ -67,3 +67,18 @@ def test_unknown_skill_and_split_errors():
         tasks.get("nope")
     with pytest.raises(ValueError, match="unknown split"):
         SKILLS["arithmetic"].generate(1, "validation")
+
+
+def test_naming_accepts_any_fitting_word_only():
+    skill = SKILLS["naming"]
+    ex = skill.generate(1, "test")[0]
+    n, first = len(ex.reference), ex.reference[0]
+    other = "a" if first != "a" else "b"
+    assert skill.grade(f"Answer: {first}{'z' * (n - 1)}", ex.reference)  # many right answers, not one
+    assert skill.grade(f"Answer: {first.upper()}{'q' * (n - 1)}", ex.reference)  # case does not matter
+    assert not skill.grade(f"Answer: {other}{'z' * (n - 1)}", ex.reference)  # wrong first letter
+    assert not skill.grade(f"Answer: {first}{'z' * n}", ex.reference)  # one letter too many
+    assert not skill.grade(f"Answer: {first}{'z' * (n - 2)}1", ex.reference)  # not only letters
+    # The ground truth is random letters (the entropy a watermark needs): 200 answers, 200 different words.
+    train = skill.generate(200, "train")
+    assert len({e.solution for e in train}) == 200 and len({e.reference[0] for e in train}) > 20

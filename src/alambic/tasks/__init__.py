@@ -8,6 +8,7 @@ from __future__ import annotations
 from .arithmetic import Arithmetic
 from .base import Example, Skill, split_of
 from .list_ops import ListOps
+from .naming import Naming
 from .program import Program
 from .string_ops import StringOps
 from .tool_call import ToolCall
@@ -18,6 +19,7 @@ SKILLS: dict[str, Skill] = {
     "list_ops": ListOps(),
     "string_ops": StringOps(),
     "program": Program(),
+    "naming": Naming(),
 }
 
 
