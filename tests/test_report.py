@@ -52,6 +52,15 @@ def make_run(root: Path) -> Path:
     (root / "manifest.json").write_text(json.dumps({
         "guard": {"demo_accounts": 4, "benign_accounts": 100, "demo_found_as_campaign": True,
                   "demo_accounts_flagged": 4, "benign_flagged": 1},
+        "provenance": {"key": "wm_0123456789ab", "context_width": 1, "gamma": 0.25, "delta": 2.0,
+                       "skills": ["naming"], "control_records": 600, "control_steps": 100,
+                       "teacher_accuracy": {"clean": 0.74, "watermarked": 0.71},
+                       "student": {"p_value": 3.2e-12, "z": 7.1, "tokens_scored": 412, "green_fraction": 0.41,
+                                   "null_check": {"keys": 100, "true_key_rank": 1, "ks_p_value": 0.43, "alpha": 0.01,
+                                                  "false_positive_rate": 0.01}},
+                       "control": {"p_value": 0.6, "z": -0.3, "tokens_scored": 398, "green_fraction": 0.24,
+                                   "null_check": {"keys": 100, "true_key_rank": 57, "ks_p_value": 0.81,
+                                                  "alpha": 0.01, "false_positive_rate": 0.0}}},
         "stages": {"collect": 60.0, "train": 9.5}}))
     return root
 
@@ -60,13 +69,16 @@ def test_report_renders_every_section(tmp_path):
     run_dir = make_run(tmp_path / "run")
     r = report.run(ReportConfig(run_dir=str(run_dir)))
     assert r["sections"] == ["Summary", "Accuracy per skill", "Smaller and faster", "Training",
-                             "Quality against teacher queries", "Provenance", "Guard: the provider's view", "Run time"]
+                             "Quality against teacher queries", "Provenance", "Guard: the provider's view",
+                             "Watermark provenance", "Run time"]
     page = Path(r["html"]).read_text()
     assert page.count("<svg") == 3  # accuracy, training curve, loop curves: inline, no external files
     assert not re.search(r'src="(?!data:)', page)  # self-contained
-    for shown in ("87.5%", "demo:teacher:abc", "5,000", "targeted beats uniform", "55.0%", "found"):
+    for shown in ("87.5%", "demo:teacher:abc", "5,000", "targeted beats uniform", "55.0%", "found",
+                  "1 of 101", "57 of 101", "74.0%", "71.0%", "wm_0123456789ab"):
         assert shown in page, shown
     md = Path(r["markdown"]).read_text()
+    assert "| p-value | 3.2e-12 | 0.6 |" in md  # the watermarked student beside the clean control
     assert "| a | 90.0% | 80.0% |" in md and "![Accuracy per skill](accuracy.png)" in md
     assert (Path(r["markdown"]).parent / "accuracy.png").stat().st_size > 1000
 

@@ -5,7 +5,10 @@ skill prompts through the OpenAI-compatible API and grade its answers → collec
 through several API keys with `alambic collect` (cached: a re-run pays for nothing) → the provider's view: does
 `guard detect` find that collection among simulated benign users? → train a student of at most 1/8 of the teacher's
 parameters on the collected top-k logprobs (`alambic train`; reused on a re-run when data and settings are the
-same) → `alambic evaluate` student beside teacher → `alambic report`.
+same) → `alambic evaluate` student beside teacher → the watermark's evidence (on by default: the API above served
+every completion with a green-list watermark under a key made for the run; a control student is distilled the same
+way from a small collection of the unwatermarked teacher; `guard provenance` tests both students for the key) →
+`alambic report`.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import json
 import secrets
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
@@ -48,6 +52,13 @@ class DemoConfig(Config):
     train_steps: int = Field(600, ge=0, description="student optimiser steps (0: stop after collection)")
     train_lr: float = Field(3e-3, gt=0, description="student peak learning rate")
     train_batch: int = Field(16, gt=0, description="student packed rows per step")
+    watermark: bool = Field(True, description="serve the collection watermarked (a key made for the run), distil a "
+                            "control student from the unwatermarked teacher, and test both with guard provenance")
+    n_control: int = Field(200, gt=0, description="training prompts per skill the control student learns from")
+    control_steps: int = Field(100, gt=0, description="optimiser steps of the control student")
+    provenance_skills: list[str] = Field(["naming"], description="skills whose held-out prompts the students are "
+                                         "tested on (naming: where the teacher has a choice to mark)")
+    provenance_n: int = Field(100, gt=0, description="provenance prompts per skill, 2 samples each")
     report: bool = Field(True, description="write the HTML/Markdown report")
 
 
@@ -124,15 +135,16 @@ def run(cfg: DemoConfig, log: Callable[[str], None] = lambda _: None,
         stages[name] = round(time.time() - since, 1)
         return time.time()
 
+    key_file, key_name = watermark_key(out) if cfg.watermark else (None, "")
     heldout = tasks.generate(None, cfg.n_eval, "test", seed=cfg.seed)
     # The demo's own API keys: one for evaluation, several for the collection (a campaign, as guard will see it).
     keys = [f"sk-demo-{i}-{secrets.token_hex(8)}" for i in range(cfg.n_keys + 1)]
     keys_file = out / "api_keys.txt"  # secrets: kept out of records, logs and reports
     keys_file.write_text("".join(f"{k} acct_demo_{i}\n" for i, k in enumerate(keys)))
     keys_file.chmod(0o600)
-    log(f"serving the demo teacher from {cfg.teacher}")
+    log(f"serving the demo teacher from {cfg.teacher}" + (f", watermarked with key {key_name}" if key_file else ""))
     serve_cfg = ServeConfig(model=cfg.teacher, port=0, access_log=str(out / "access.jsonl"),
-                            api_keys_file=str(keys_file))
+                            api_keys_file=str(keys_file), watermark_key_file=str(key_file) if key_file else None)
     t = time.time()
     with serve_in_thread(serve_cfg) as url:
         log(f"asking {len(heldout)} held-out prompts over HTTP at {url}")
@@ -145,7 +157,8 @@ def run(cfg: DemoConfig, log: Callable[[str], None] = lambda _: None,
             collect_keys.chmod(0o600)
             log(f"collecting {cfg.n_collect} training prompts per skill from the teacher over HTTP")
             collected = collect.run(collect.CollectConfig(
-                base_url=url + "/v1", api_keys_file=str(collect_keys), teacher_id=teacher_id(cfg.teacher),
+                base_url=url + "/v1", api_keys_file=str(collect_keys),
+                teacher_id=teacher_id(cfg.teacher) + (f":{key_name}" if key_file else ""),
                 task=list(tasks.SKILLS), n=cfg.n_collect, max_tokens=cfg.max_tokens, top_logprobs=cfg.top_logprobs,
                 concurrency=cfg.concurrency,
                 store=str(out / "cache.sqlite"), out=str(out / "collect" / "interactions.jsonl")), progress=progress)
@@ -156,10 +169,16 @@ def run(cfg: DemoConfig, log: Callable[[str], None] = lambda _: None,
         t = stage("guard", t)
     acc = tasks.accuracy(heldout, replies)
     result = {"alambic_version": __version__, "teacher": cfg.teacher, "teacher_url": url, "teacher_accuracy": acc,
-              "n_prompts": len(heldout), "collect": collected, "guard": guard_result, "stages": stages}
+              "teacher_watermark": key_name or None, "n_prompts": len(heldout), "collect": collected,
+              "guard": guard_result, "stages": stages}
     if collected and cfg.train_steps:
         result |= distil(cfg, out, log)
         stages.update(result.pop("stages_distil"))
+        if key_file:
+            result["provenance"] = provenance(cfg, out, key_file, log)
+            result["provenance"]["teacher_accuracy"] = {
+                "clean": result["evaluation"]["teacher_accuracy"]["mean"], "watermarked": acc["mean"]}
+            stages.update(result["provenance"].pop("stages"))
     result["seconds"] = round(time.time() - t0, 1)
     (out / "manifest.json").write_text(json.dumps(result, indent=2) + "\n")
     if cfg.report:
@@ -169,24 +188,29 @@ def run(cfg: DemoConfig, log: Callable[[str], None] = lambda _: None,
     return result
 
 
+def train_student(cfg: DemoConfig, data: Path, folder: Path, steps: int, log: Callable[[str], None]) -> dict:
+    """Train a student with the demo's recipe on `data` into `folder` (reused when already trained on exactly this
+    data with these settings); returns its training manifest."""
+    from .train import trainer
+
+    train_cfg = trainer.TrainConfig(
+        data=[str(data)], out=str(folder), student=cfg.student, tokenizer=cfg.teacher, loss=cfg.loss, steps=steps,
+        lr=cfg.train_lr, batch_size=cfg.train_batch, warmup=min(30, steps // 10), packing=True,
+        eval_every=max(1, steps // 4), heldout_n=10, save_every=0, seed=cfg.seed)
+    if _same_run(folder, train_cfg):
+        log(f"{folder}: already trained on this data with these settings (delete it to retrain)")
+        return json.loads((folder / "manifest.json").read_text())
+    log(f"training a {cfg.student} student in {folder} ({cfg.loss}, {steps} steps)")
+    return trainer.run(train_cfg)
+
+
 def distil(cfg: DemoConfig, out: Path, log: Callable[[str], None]) -> dict:
     """Train the student on the collected interactions, evaluate it beside the teacher."""
     from . import evaluate
-    from .train import trainer
 
     stages: dict[str, float] = {}
     t = time.time()
-    train_cfg = trainer.TrainConfig(
-        data=[str(out / "collect" / "interactions.jsonl")], out=str(out / "student"), student=cfg.student,
-        tokenizer=cfg.teacher, loss=cfg.loss, steps=cfg.train_steps, lr=cfg.train_lr, batch_size=cfg.train_batch,
-        warmup=min(30, cfg.train_steps // 10), packing=True, eval_every=max(1, cfg.train_steps // 4),
-        heldout_n=10, save_every=0, seed=cfg.seed)
-    if _same_run(out / "student", train_cfg):
-        log("student: already trained on this data with these settings (delete runs/demo/student to retrain)")
-        student = json.loads((out / "student" / "manifest.json").read_text())
-    else:
-        log(f"training a {cfg.student} student ({cfg.loss}, {cfg.train_steps} steps)")
-        student = trainer.run(train_cfg)
+    student = train_student(cfg, out / "collect" / "interactions.jsonl", out / "student", cfg.train_steps, log)
     stages["train"] = round(time.time() - t, 1)
     t = time.time()
     log("evaluating the student beside the teacher")
@@ -199,3 +223,51 @@ def distil(cfg: DemoConfig, out: Path, log: Callable[[str], None]) -> dict:
                 "teacher_accuracy": {k: v["accuracy"] for k, v in ev["teacher"]["accuracy"].items()},
                 "student_accuracy": {k: v["accuracy"] for k, v in ev["student"]["accuracy"].items()}},
             "stages_distil": stages}
+
+
+def watermark_key(out: Path) -> tuple[Path, str]:
+    """The run's watermark key file (made on the first run, mode 600, and kept, so a re-run's collection still comes
+    from the cache) and its public fingerprint: the key itself is never printed, logged or recorded."""
+    from .guard import watermark as W
+
+    path = out / "watermark.key"
+    if not path.exists():
+        W.write_key(path)
+    return path, W.fingerprint(W.load_key(path)[0])
+
+
+def provenance(cfg: DemoConfig, out: Path, key_file: Path, log: Callable[[str], None]) -> dict:
+    """The watermark's evidence (Sander et al., "Watermarking Makes Language Models Radioactive", NeurIPS 2024):
+    `guard provenance` on the student and on a control student, distilled with the same recipe from a small
+    collection of the same teacher served without the key (fewer prompts and steps: it only has to be a clean
+    model of the same kind, and it must not cost the demo much). Only the student's data carried the key, so only
+    its p-value should be small; each test's null check (random keys) shows the p-values can be trusted."""
+    from .guard import provenance as P
+    from .guard import watermark as W
+    from .serve import ServeConfig, serve_in_thread
+
+    stages: dict[str, float] = {}
+    t = time.time()
+    log(f"collecting {cfg.n_control} prompts per skill from the unwatermarked teacher for a control student")
+    with serve_in_thread(ServeConfig(model=cfg.teacher, port=0)) as url:  # the lab's own server: no access log
+        control = collect.run(collect.CollectConfig(
+            base_url=url + "/v1", teacher_id=teacher_id(cfg.teacher), task=list(tasks.SKILLS), n=cfg.n_control,
+            max_tokens=cfg.max_tokens, top_logprobs=cfg.top_logprobs, concurrency=cfg.concurrency,
+            store=str(out / "cache.sqlite"), out=str(out / "control" / "interactions.jsonl")))
+    train_student(cfg, out / "control" / "interactions.jsonl", out / "control" / "student", cfg.control_steps, log)
+    stages["control"] = round(time.time() - t, 1)
+    t = time.time()
+    key, params = W.load_key(key_file)
+    result: dict = {"key": W.fingerprint(key), **asdict(params), "skills": cfg.provenance_skills,
+                    "control_records": control["records"], "control_steps": cfg.control_steps}
+    for name, model in (("student", out / "student"), ("control", out / "control" / "student")):
+        log(f"guard provenance: is the {name} marked with the teacher's watermark?")
+        r = P.run(P.ProvenanceConfig(
+            suspect=str(model), key_file=str(key_file), tokenizer=cfg.teacher, task=cfg.provenance_skills,
+            n=cfg.provenance_n, samples=2, temperature=1.0, max_tokens=cfg.max_tokens, seed=cfg.seed,
+            concurrency=cfg.concurrency, out=str(out / "provenance" / name)))
+        result[name] = {k: r[k] for k in ("p_value", "z", "tokens_scored", "green_fraction", "null_check")}
+        log(f"{name}: p = {r['p_value']:.3g} over {r['tokens_scored']} (context, token) pairs; true key ranks "
+            f"{r['null_check']['true_key_rank']} of {r['null_check']['keys'] + 1}")
+    stages["provenance"] = round(time.time() - t, 1)
+    return result | {"stages": stages}

@@ -191,6 +191,32 @@ def _pct(v) -> str:
     return "—" if v is None else f"{100 * v:.1f}%"
 
 
+def _watermark_section(p: dict) -> dict:
+    """The student's and the control's radioactivity tests side by side. Only the student learned from watermarked
+    answers, so only its p-value should be small; the null check (random keys) says whether the p-values hold."""
+    acc = p.get("teacher_accuracy") or {}
+    text = [f"The teacher served every completion with a green-list watermark (key `{p['key']}`: context width "
+            f"{p['context_width']}, green fraction γ = {p['gamma']}, bias δ = {p['delta']}). Its held-out accuracy: "
+            f"{_pct(acc.get('watermarked'))} as served (watermarked), {_pct(acc.get('clean'))} without the watermark "
+            "(`alambic evaluate`, local weights): the mark's cost.",
+            f"`guard provenance` sampled each model on held-out {', '.join(p['skills'])} prompts and tested its text "
+            "for the key: a small p-value says it was trained on the watermarked outputs. The control learned the "
+            f"same way from {_fmt(p['control_records'])} answers of the teacher served without the key "
+            f"({_fmt(p['control_steps'])} steps)."]
+    s, c = p["student"], p["control"]
+    rows = [["", "student", "control"]] + [[label, f(s), f(c)] for label, f in (
+        ("p-value", lambda r: _fmt(r["p_value"])),
+        ("z", lambda r: _fmt(r["z"])),
+        ("(context, token) pairs scored", lambda r: _fmt(r["tokens_scored"])),
+        (f"green fraction (chance: {p['gamma']})", lambda r: _fmt(r["green_fraction"])),
+        ("true key's rank among random keys", lambda r: f"{r['null_check']['true_key_rank']} of "
+                                                        f"{r['null_check']['keys'] + 1}"),
+        ("random keys: KS p (uniform p-values)", lambda r: _fmt(r["null_check"]["ks_p_value"])),
+        (f"random keys: false positives at α = {s['null_check']['alpha']}",
+         lambda r: _pct(r["null_check"]["false_positive_rate"])))]
+    return {"title": "Watermark provenance", "text": text, "table": rows}
+
+
 def sections(run: dict) -> list[dict]:
     """The report as a list of {title, text, table (rows of cells), plot (a figure factory)}."""
     out: list[dict] = []
@@ -260,11 +286,7 @@ def sections(run: dict) -> list[dict]:
             f"{g['demo_accounts_flagged']}/{g['demo_accounts']} of its accounts flagged, {g['benign_flagged']} "
             "benign accounts flagged."]})
     if man.get("provenance"):
-        p = man["provenance"]
-        rows = [["model", "p-value", "tokens scored"]] + [[k, _fmt(v.get("p_value")), _fmt(v.get("tokens_scored"))]
-                                                         for k, v in p.items() if isinstance(v, dict)]
-        out.append({"title": "Watermark provenance", "text": ["Was the student trained on the teacher's watermarked "
-                                                              "outputs? (a small p-value says yes)"], "table": rows})
+        out.append(_watermark_section(man["provenance"]))
     if man.get("stages"):
         rows = [["stage", "seconds"]] + [[k, _fmt(v)] for k, v in man["stages"].items()]
         out.append({"title": "Run time", "table": rows})
