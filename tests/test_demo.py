@@ -14,7 +14,7 @@ from alambic.guard import watermark as W
 def test_demo_pipeline_on_tiny_model(tiny_model_dir, tmp_path):
     out = tmp_path / "demo"
     cfg = DemoConfig(teacher=str(tiny_model_dir), out=str(out), n_eval=2, n_collect=6, max_tokens=12, n_keys=3,
-                     guard_scale=0.002, student="preset:test", train_steps=4, train_batch=4, n_control=6,
+                     guard_scale=0.002, student="preset:test", train_steps=4, train_batch=4, n_control=30,
                      control_steps=2, provenance_n=3)
     result = run(cfg)
     n_skills = len(tasks.SKILLS)
@@ -50,7 +50,7 @@ def test_demo_pipeline_on_tiny_model(tiny_model_dir, tmp_path):
     marked, clean = green(out / "collect" / "interactions.jsonl"), green(out / "control" / "interactions.jsonl")
     assert marked["p_value"] < 1e-6 and marked["green_fraction"] > 0.6 > clean["green_fraction"]
     prov = result["provenance"]
-    assert prov["key"] == W.fingerprint(wm_key.encode()) and prov["control_records"] == n_skills * 6
+    assert prov["key"] == W.fingerprint(wm_key.encode()) and prov["control_records"] == 30  # naming only
     for name in ("student", "control"):
         assert 0 <= prov[name]["p_value"] <= 1 and prov[name]["null_check"]["keys"] == 100
         assert json.loads((out / "provenance" / name / "provenance.json").read_text())["key"] == prov["key"]

@@ -54,7 +54,8 @@ class DemoConfig(Config):
     train_batch: int = Field(16, gt=0, description="student packed rows per step")
     watermark: bool = Field(True, description="serve the collection watermarked (a key made for the run), distil a "
                             "control student from the unwatermarked teacher, and test both with guard provenance")
-    n_control: int = Field(200, gt=0, description="training prompts per skill the control student learns from")
+    n_control: int = Field(200, gt=0, description="training prompts per provenance skill the control student learns "
+                           "from")
     control_steps: int = Field(100, gt=0, description="optimiser steps of the control student")
     provenance_skills: list[str] = Field(["naming"], description="skills whose held-out prompts the students are "
                                          "tested on (naming: where the teacher has a choice to mark)")
@@ -239,19 +240,21 @@ def watermark_key(out: Path) -> tuple[Path, str]:
 def provenance(cfg: DemoConfig, out: Path, key_file: Path, log: Callable[[str], None]) -> dict:
     """The watermark's evidence (Sander et al., "Watermarking Makes Language Models Radioactive", NeurIPS 2024):
     `guard provenance` on the student and on a control student, distilled with the same recipe from a small
-    collection of the same teacher served without the key (fewer prompts and steps: it only has to be a clean
-    model of the same kind, and it must not cost the demo much). Only the student's data carried the key, so only
-    its p-value should be small; each test's null check (random keys) shows the p-values can be trusted."""
+    collection of the same teacher served without the key. To cost the demo little, the control learns only the
+    skills it is tested on, in fewer steps: that makes it, if anything, closer to the teacher where the test looks.
+    Only the student's data carried the key, so only its p-value should be small; each test's null check (random
+    keys) shows the p-values can be trusted."""
     from .guard import provenance as P
     from .guard import watermark as W
     from .serve import ServeConfig, serve_in_thread
 
     stages: dict[str, float] = {}
     t = time.time()
-    log(f"collecting {cfg.n_control} prompts per skill from the unwatermarked teacher for a control student")
+    log(f"collecting {cfg.n_control} {'/'.join(cfg.provenance_skills)} prompts from the unwatermarked teacher for a "
+        "control student")
     with serve_in_thread(ServeConfig(model=cfg.teacher, port=0)) as url:  # the lab's own server: no access log
         control = collect.run(collect.CollectConfig(
-            base_url=url + "/v1", teacher_id=teacher_id(cfg.teacher), task=list(tasks.SKILLS), n=cfg.n_control,
+            base_url=url + "/v1", teacher_id=teacher_id(cfg.teacher), task=cfg.provenance_skills, n=cfg.n_control,
             max_tokens=cfg.max_tokens, top_logprobs=cfg.top_logprobs, concurrency=cfg.concurrency,
             store=str(out / "cache.sqlite"), out=str(out / "control" / "interactions.jsonl")))
     train_student(cfg, out / "control" / "interactions.jsonl", out / "control" / "student", cfg.control_steps, log)
