@@ -50,8 +50,9 @@ class CollectConfig(Config):
     model: str = Field("", description="teacher model name (or directory for hf); '' = the first one listed")
     api_key_env: str = Field("", description="env var with comma-separated API keys (default by backend)")
     api_keys_file: str | None = Field(None, description="file with one API key per line")
-    teacher_id: str | None = Field(None, description="stable teacher name for the cache, instead of its URL "
-                                   "(a local server on a changing port)")
+    teacher_id: str | None = Field(
+        None, description="stable teacher name for the cache, instead of its URL (a local server on a changing port)"
+    )
     # the prompts
     prompts: str | None = Field(None, description="prompt file: .jsonl, .csv or .parquet with `prompt` or `messages`")
     task: list[str] = Field(default_factory=list, description="built-in skill(s) to draw prompts from")
@@ -98,9 +99,15 @@ class CollectConfig(Config):
         return v
 
     def teacher_spec(self) -> TeacherSpec:
-        return TeacherSpec(backend=self.backend, base_url=self.base_url, model=self.model,
-                           api_key_env=self.api_key_env, api_keys_file=self.api_keys_file, timeout_s=self.timeout_s,
-                           teacher_id=self.teacher_id)
+        return TeacherSpec(
+            backend=self.backend,
+            base_url=self.base_url,
+            model=self.model,
+            api_key_env=self.api_key_env,
+            api_keys_file=self.api_keys_file,
+            timeout_s=self.timeout_s,
+            teacher_id=self.teacher_id,
+        )
 
 
 # --- prompts -----------------------------------------------------------------------------------------------------
@@ -145,8 +152,13 @@ def _row_to_prompt(row: Any, file_meta: dict[str, Any]) -> Prompt:
                 msgs = json.loads(msgs)
             except json.JSONDecodeError as e:
                 raise ValueError(f"`messages` is not valid JSON ({e.msg})") from None
-        if not isinstance(msgs, list) or not msgs or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs
+        if (
+            not isinstance(msgs, list)
+            or not msgs
+            or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in msgs
+            )
         ):
             raise ValueError("`messages` must be a non-empty list of {role, content} strings")
         msgs = [{"role": m["role"], "content": m["content"]} for m in msgs]
@@ -223,8 +235,13 @@ def load_prompts(cfg: CollectConfig, bad: list[str]) -> tuple[list[Prompt], list
         prompts += items
     for name in cfg.task:
         exs = tasks.get(name).generate(cfg.n, cfg.split, seed=cfg.prompt_seed)
-        prompts += [Prompt(ex.messages, {"skill": ex.skill, "reference": ex.reference, "split": cfg.split,
-                                         "source": f"skill:{ex.skill}"}) for ex in exs]
+        prompts += [
+            Prompt(
+                ex.messages,
+                {"skill": ex.skill, "reference": ex.reference, "split": cfg.split, "source": f"skill:{ex.skill}"},
+            )
+            for ex in exs
+        ]
         sources.append({"skill": name, "split": cfg.split, "seed": cfg.prompt_seed, "prompts": len(exs)})
     if not prompts:
         raise ValueError("no prompts: give --prompts FILE or --task SKILL (built-in: " + ", ".join(tasks.SKILLS) + ")")
@@ -276,8 +293,15 @@ class KeyPool:
     """
 
     def __init__(self, keys: list[str | None], rpm: float, tpm: float):
-        self.keys = [Key(k, "key_" + hashlib.sha256((k or "").encode()).hexdigest()[:12] if k else "none",
-                         Bucket(rpm), Bucket(tpm)) for k in keys]
+        self.keys = [
+            Key(
+                k,
+                "key_" + hashlib.sha256((k or "").encode()).hexdigest()[:12] if k else "none",
+                Bucket(rpm),
+                Bucket(tpm),
+            )
+            for k in keys
+        ]
         self.turn = 0
 
     def live(self) -> list[Key]:
@@ -292,8 +316,14 @@ class KeyPool:
             # Round-robin among the keys that can send now (ties broken from a rotating start), so load and
             # rate-limit headroom are spread over the whole pool.
             self.turn = (self.turn + 1) % len(live)
-            waits = [(max(k.cooldown_until - now, k.requests.wait_for(1), k.tokens.wait_for(tokens)),
-                      (i - self.turn) % len(live), k) for i, k in enumerate(live)]
+            waits = [
+                (
+                    max(k.cooldown_until - now, k.requests.wait_for(1), k.tokens.wait_for(tokens)),
+                    (i - self.turn) % len(live),
+                    k,
+                )
+                for i, k in enumerate(live)
+            ]
             wait, _, key = min(waits, key=lambda w: (w[0], w[1]))
             if wait <= 0:
                 key.requests.take(1)
@@ -325,9 +355,13 @@ class Stats:
         fresh = self.done - self.cached
         rate = fresh / el
         left = self.total - self.done - self.skipped_budget
-        return {**{k: v for k, v in self.__dict__.items() if k != "started"}, "elapsed_s": el,
-                "requests_per_s": self.sent / el, "tokens_per_s": (self.prompt_tokens + self.completion_tokens) / el,
-                "eta_s": left / rate if rate > 0 else None}
+        return {
+            **{k: v for k, v in self.__dict__.items() if k != "started"},
+            "elapsed_s": el,
+            "requests_per_s": self.sent / el,
+            "tokens_per_s": (self.prompt_tokens + self.completion_tokens) / el,
+            "eta_s": left / rate if rate > 0 else None,
+        }
 
 
 class BudgetExceeded(Exception):
@@ -404,10 +438,11 @@ def interaction_lines(cfg: CollectConfig, prompts: list[Prompt], res: Outcome, s
             teacher = teacher_json[served] = _JSON({**res.identity, "served_model": served, **res.sampling})
         if created != last_created:
             last_created = created
-            created_json = (f'{time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))}.'
-                            f"{int(created % 1 * 1000):03d}Z")
-        head = (f'"prompt":{prompt_json[j]},"teacher":{teacher},"created_at":"{created_json}",'
-                f'"latency_s":{"null" if latency is None else repr(latency)}')  # float repr is json's
+            created_json = f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(created))}.{int(created % 1 * 1000):03d}Z"
+        head = (
+            f'"prompt":{prompt_json[j]},"teacher":{teacher},"created_at":"{created_json}",'
+            f'"latency_s":{"null" if latency is None else repr(latency)}'
+        )  # float repr is json's
         meta = prompts[j].meta
         grader = tasks.SKILLS.get(meta.get("skill")) if "reference" in meta else None
         if grader is None and meta is not last_meta and meta != last_meta:  # a file's prompts often share it
@@ -430,11 +465,14 @@ def interaction_lines(cfg: CollectConfig, prompts: list[Prompt], res: Outcome, s
             usage = usage_json.get((p_tok, c_tok))
             if usage is None:
                 cost = repr(round(cost_usd(cfg, p_tok, c_tok), 8))
-                usage = usage_json[p_tok, c_tok] = (f'{{"prompt_tokens":{p_tok},"completion_tokens":{c_tok},'
-                                                    f'"cost_usd":{cost}}}')
-            yield (f'{{"id":"{key if n == 1 else f"{key}:{i}"}",{head},"completion":{_string(c["text"])},'
-                   f'"usage":{usage},"meta":{meta_json},"finish_reason":{fin}'
-                   + ("}\n" if lp is None else f',"logprobs":{_JSON(lp)}}}\n'))
+                usage = usage_json[p_tok, c_tok] = (
+                    f'{{"prompt_tokens":{p_tok},"completion_tokens":{c_tok},"cost_usd":{cost}}}'
+                )
+            yield (
+                f'{{"id":"{key if n == 1 else f"{key}:{i}"}",{head},"completion":{_string(c["text"])},'
+                f'"usage":{usage},"meta":{meta_json},"finish_reason":{fin}'
+                + ("}\n" if lp is None else f',"logprobs":{_JSON(lp)}}}\n')
+            )
         records += n
     seen.update(records=records, logprobs=logprobs, top=top)
 
@@ -473,8 +511,9 @@ def write_interactions(path: Path, records: Iterable[dict]) -> None:
     _write_atomic(path, lambda tmp: pq.write_table(pa.Table.from_pylist(flat), tmp))
 
 
-async def _collect(cfg: CollectConfig, prompts: list[Prompt], store: Store, stats: Stats,
-                   progress: Callable[[dict], None] | None) -> Outcome:
+async def _collect(
+    cfg: CollectConfig, prompts: list[Prompt], store: Store, stats: Stats, progress: Callable[[dict], None] | None
+) -> Outcome:
     spec = cfg.teacher_spec()
     teacher = make_teacher(spec)
     keys = spec.keys()
@@ -485,8 +524,15 @@ async def _collect(cfg: CollectConfig, prompts: list[Prompt], store: Store, stat
     errors: list[dict] = []
     # Requests as plain dicts (the fields of ChatRequest, in its order), built only for the prompts to send:
     # millions of pydantic objects would make a fully cached re-run slower than the records it writes.
-    params = ChatRequest(messages=[], max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                         n=cfg.samples, top_logprobs=cfg.top_logprobs, seed=cfg.seed).model_dump()
+    params = ChatRequest(
+        messages=[],
+        max_tokens=cfg.max_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        n=cfg.samples,
+        top_logprobs=cfg.top_logprobs,
+        seed=cfg.seed,
+    ).model_dump()
     sampling = {k: v for k, v in params.items() if k != "messages"}
     with gc_paused():
         prompt_json = [canonical_messages(p.messages) for p in prompts]  # hashed into keys, written into records
@@ -551,8 +597,10 @@ async def _collect(cfg: CollectConfig, prompts: list[Prompt], store: Store, stat
                     if e.auth:
                         if key.value is None:
                             env = cfg.api_key_env or "OPENAI_API_KEY"
-                            raise RuntimeError(f"the teacher wants an API key ({e}); set one in the environment "
-                                               f"variable {env} or give --api-keys-file") from e
+                            raise RuntimeError(
+                                f"the teacher wants an API key ({e}); set one in the environment "
+                                f"variable {env} or give --api-keys-file"
+                            ) from e
                         if not key.retired:
                             key.retired = True
                             stats.retired_keys.append(key.id)
@@ -561,20 +609,37 @@ async def _collect(cfg: CollectConfig, prompts: list[Prompt], store: Store, stat
                     if e.retryable and attempt < cfg.max_retries:
                         attempt += 1
                         stats.retries += 1
-                        delay = e.retry_after if e.retry_after is not None else random.uniform(
-                            0, min(cfg.backoff_max_s, cfg.backoff_s * 2**attempt))
+                        delay = (
+                            e.retry_after
+                            if e.retry_after is not None
+                            else random.uniform(0, min(cfg.backoff_max_s, cfg.backoff_s * 2**attempt))
+                        )
                         if e.status == 429:
                             key.cooldown_until = time.monotonic() + delay
                         log.info("retrying prompt %d in %.2fs after %s", i, delay, e)
                         await asyncio.sleep(delay)
                         continue
                     stats.errors += 1
-                    errors.append({"index": i, "prompt": prompts[i].messages, "status": e.status, "error": str(e),
-                                   "attempts": attempt + 1, "ts": utc_now()})
+                    errors.append(
+                        {
+                            "index": i,
+                            "prompt": prompts[i].messages,
+                            "status": e.status,
+                            "error": str(e),
+                            "attempts": attempt + 1,
+                            "ts": utc_now(),
+                        }
+                    )
                     return
                 latency = time.monotonic() - t0
-                pending.append((keys_of[i], json.dumps({**params, "messages": prompts[i].messages}),
-                                reply.model_dump_json(), latency))
+                pending.append(
+                    (
+                        keys_of[i],
+                        json.dumps({**params, "messages": prompts[i].messages}),
+                        reply.model_dump_json(),
+                        latency,
+                    )
+                )
                 # Paid for once the reply is here, stored or not: the budget counts it now.
                 stats.prompt_tokens += reply.prompt_tokens
                 stats.completion_tokens += reply.completion_tokens
@@ -603,8 +668,9 @@ async def _collect(cfg: CollectConfig, prompts: list[Prompt], store: Store, stat
 
     report(force=True)
     try:
-        results = await asyncio.gather(*(worker() for _ in range(min(cfg.concurrency, max(1, todo.qsize())))),
-                                       return_exceptions=True)
+        results = await asyncio.gather(
+            *(worker() for _ in range(min(cfg.concurrency, max(1, todo.qsize())))), return_exceptions=True
+        )
         if committing.done():  # it ends by itself only when a commit failed: raise that
             committing.result()
         for r in results:
@@ -668,8 +734,14 @@ def _run(cfg: CollectConfig, progress: Callable[[dict], None] | None) -> dict:
         "alambic_version": __version__,
         "teacher": res.identity,
         "capability": capability,
-        "sampling": {"samples": cfg.samples, "temperature": cfg.temperature, "top_p": cfg.top_p,
-                     "max_tokens": cfg.max_tokens, "top_logprobs": cfg.top_logprobs, "seed": cfg.seed},
+        "sampling": {
+            "samples": cfg.samples,
+            "temperature": cfg.temperature,
+            "top_p": cfg.top_p,
+            "max_tokens": cfg.max_tokens,
+            "top_logprobs": cfg.top_logprobs,
+            "seed": cfg.seed,
+        },
         "sources": sources,
         "shard": cfg.shard,
         "prompts": len(prompts),

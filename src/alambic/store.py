@@ -55,8 +55,9 @@ def canonical_messages(messages: list[dict[str, Any]]) -> str:
         if len(m) == 2 and type(m.get("content")) is str and type(m.get("role")) is str:
             return f'[{{"content":{_string(m["content"])},"role":{_string(m["role"])}}}]'
     elif all(len(m) == 2 and type(m.get("content")) is str and type(m.get("role")) is str for m in messages):
-        return "[" + ",".join(f'{{"content":{_string(m["content"])},"role":{_string(m["role"])}}}'
-                              for m in messages) + "]"
+        return (
+            "[" + ",".join(f'{{"content":{_string(m["content"])},"role":{_string(m["role"])}}}' for m in messages) + "]"
+        )
     return canonical(messages)
 
 
@@ -88,8 +89,9 @@ class Store:
             self.db.execute("PRAGMA busy_timeout=30000")  # several collectors may share one store
             self._migrate()
         except sqlite3.DatabaseError as e:
-            raise ValueError(f"cache {str(self.path)!r} is not a usable SQLite database ({e}); "
-                             "point --store at another file") from None
+            raise ValueError(
+                f"cache {str(self.path)!r} is not a usable SQLite database ({e}); point --store at another file"
+            ) from None
 
     def _migrate(self) -> None:
         version = self.db.execute("PRAGMA user_version").fetchone()[0]
