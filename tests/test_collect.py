@@ -138,7 +138,7 @@ def test_keys_and_canonical_prompts_match_the_plain_encoding():
     del params["messages"]
     shapes = [
         [{"role": "user", "content": "plain"}],
-        [{"role": "user", "content": 'caf\u00e9 "q"\n\t\\ \U0001F600 </script>'}],
+        [{"role": "user", "content": 'caf\u00e9 "q"\n\t\\ \U0001f600 </script>'}],
         [{"role": "system", "content": "be brief"}, {"role": "user", "content": "x"}],
         [{"role": "user", "content": "x", "name": "extra key"}],
         [{"role": "user", "content": ["not", "a", "string"]}],
@@ -378,3 +378,57 @@ def test_crash_resume_sigkill_no_double_pay(tiny_server, tmp_path):
     for e in mine:
         ts = datetime.fromisoformat(e["ts"].replace("Z", "+00:00")).timestamp()
         assert ts <= stored[e["prompt"]] + 0.05, "a prompt was sent again after its response was stored"
+
+
+def test_large_cached_rerun_split_over_two_processes_writes_the_same_bytes(tmp_path, monkeypatch, caplog):
+    """Past `SPLIT_AT` stored replies a forked child builds half the records: the output must be the bytes one
+    process writes, counted the same, and a child that fails (here: it cannot create its part file) must cost
+    only time, never a record."""
+    pf = tmp_path / "p.jsonl"
+    pf.write_text("".join(json.dumps({"prompt": f"say {i} caf\u00e9"}) + "\n" for i in range(301)))
+    cfg = CollectConfig(
+        base_url="http://127.0.0.1:9/v1",
+        model="m",
+        prompts=str(pf),
+        max_tokens=8,
+        top_logprobs=2,
+        store=str(tmp_path / "s.sqlite"),
+        out=str(tmp_path / "one" / "i.jsonl"),
+    )
+    spec = cfg.teacher_spec().identity()
+    rows = []
+    for i in range(301):
+        req = ChatRequest(
+            messages=[{"role": "user", "content": f"say {i} caf\u00e9"}], max_tokens=8, top_logprobs=2
+        ).model_dump()
+        # Only the last prompt's reply has top-k logprobs: the child's half must report them.
+        lp = [{"token": "a", "logprob": -0.1, "top": [["a", -0.1], ["b", -2.0]] if i == 300 else []}]
+        reply = {
+            "choices": [{"text": f"\u00e9 {i}", "finish_reason": "stop", "logprobs": lp}],
+            "prompt_tokens": 5,
+            "completion_tokens": 2,
+            "model": "m",
+        }
+        rows.append((request_key(spec, req), spec, req, reply, i / 1000))
+    store = Store(cfg.store)
+    store.put_many(rows)
+    store.close()
+    one = collect.run(cfg)
+    monkeypatch.setattr(collect, "SPLIT_AT", 1)
+    two = collect.run(cfg.model_copy(update={"out": str(tmp_path / "two" / "i.jsonl")}))
+    broken = tmp_path / "three" / "i.jsonl"
+    (tmp_path / "three" / "i.jsonl.tmp.part").mkdir(parents=True)  # where the child would write its half
+    three = collect.run(cfg.model_copy(update={"out": str(broken)}))
+    assert "second half of the records failed" in caplog.text
+    expected = (tmp_path / "one" / "i.jsonl").read_bytes()
+    assert len(expected.splitlines()) == 301
+    for m, out in ((two, tmp_path / "two" / "i.jsonl"), (three, broken)):
+        assert out.read_bytes() == expected
+        assert (m["records"], m["from_cache"], m["requests_sent"], m["capability"]) == (301, 301, 0, "top_k_logprobs")
+        assert (m["records"], m["capability"]) == (one["records"], one["capability"])
+    assert sorted(p.name for p in broken.parent.iterdir()) == [
+        "config.json",
+        "i.jsonl",
+        "i.jsonl.tmp.part",
+        "manifest.json",
+    ]

@@ -19,7 +19,11 @@ import gc
 import hashlib
 import json
 import logging
+import os
 import random
+import shutil
+import signal
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -27,7 +31,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 from json.encoder import encode_basestring
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 from pydantic import Field, field_validator
@@ -410,8 +414,11 @@ _JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _string = encode_basestring  # what `_JSON` does with a str, without its method call around it
 
 
-def interaction_lines(cfg: CollectConfig, prompts: list[Prompt], res: Outcome, seen: dict[str, Any]):
-    """The Interaction records (DESIGN.md) of every stored reply, one per sample, as JSON lines in prompt order.
+def interaction_lines(
+    cfg: CollectConfig, prompts: list[Prompt], res: Outcome, seen: dict[str, Any], span: range | None = None
+):
+    """The Interaction records (DESIGN.md) of every stored reply (of the prompts in `span`; default all), one per
+    sample, as JSON lines in prompt order.
 
     A re-run of millions of cached prompts spends most of its time here, so each line is assembled from JSON
     fragments: what many records share (teacher, prompt, meta, timestamp, token counts) is encoded once, each
@@ -424,8 +431,9 @@ def interaction_lines(cfg: CollectConfig, prompts: list[Prompt], res: Outcome, s
     records, logprobs, top = 0, False, False
     usage_json: dict[tuple[int, int], str] = {}  # token counts repeat: price each pair once
     finish_json: dict[str | None, str] = {}
-    found, prompt_json = res.found, res.prompt_json
-    for j, key in enumerate(res.keys):
+    found, keys, prompt_json = res.found, res.keys, res.prompt_json
+    for j in span or range(len(keys)):
+        key = keys[j]
         row = found.get(key)
         if row is None:
             continue
@@ -485,17 +493,90 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     tmp.replace(path)
 
 
+def _write_chunks(f: BinaryIO, lines: Iterable[str]) -> None:
+    """Lines to a binary file, a few thousand joined and encoded at once: half the cost of one write a line."""
+    it = iter(lines)
+    while chunk := "".join(islice(it, 4096)):
+        f.write(chunk.encode())
+
+
 def write_lines(path: Path, lines: Iterable[str]) -> None:
     """JSON lines (each ending in a newline) to `path`, atomically."""
 
     def write(tmp: Path) -> None:
-        it = iter(lines)
         with open(tmp, "wb") as f:
-            # A few thousand lines joined and encoded at once: half the cost of writing them one by one.
-            while chunk := "".join(islice(it, 4096)):
-                f.write(chunk.encode())
+            _write_chunks(f, lines)
 
     _write_atomic(path, write)
+
+
+# A re-run with this many stored replies or more builds its JSONL records in two processes: building them is
+# pure Python, most of a cached re-run's time, and one process uses one core.
+SPLIT_AT = 50_000
+
+
+def write_records(out: Path, cfg: CollectConfig, prompts: list[Prompt], res: Outcome, seen: dict[str, Any]) -> None:
+    """The records of every stored reply to `out` (JSONL or Parquet, by suffix), atomically; `seen` as in
+    `interaction_lines`."""
+    if out.suffix == ".parquet":
+        write_interactions(out, (json.loads(line) for line in interaction_lines(cfg, prompts, res, seen)))
+    elif len(res.found) < SPLIT_AT or sys.platform != "linux" or (os.cpu_count() or 1) < 2:
+        write_lines(out, interaction_lines(cfg, prompts, res, seen))
+    else:
+        _write_atomic(out, lambda tmp: _write_lines_forked(tmp, cfg, prompts, res, seen))
+
+
+def _write_lines_forked(path: Path, cfg: CollectConfig, prompts: list[Prompt], res: Outcome, seen: dict) -> None:
+    """`interaction_lines` to `path` in two processes: a forked child (it shares every prompt and reply, copied on
+    write) writes the second half of the prompts' records to a part file while this process writes the first
+    half, then the part is appended. Should the child fail in any way, this process writes that half itself, and
+    so raises whatever made it fail, with its traceback. Forking, not spawning: a new interpreter would need the
+    prompts and replies sent over, which costs more than building the records."""
+    n = len(res.keys)
+    part = path.with_name(path.name + ".part")
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its half, its `seen` through the pipe, and out without running the parent's exits
+        code = 1
+        try:
+            os.close(r)
+            theirs: dict[str, Any] = {}
+            with open(part, "wb") as f:
+                _write_chunks(f, interaction_lines(cfg, prompts, res, theirs, range(n // 2, n)))
+            os.write(w, json.dumps(theirs).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    try:
+        with open(path, "wb") as f:
+            _write_chunks(f, interaction_lines(cfg, prompts, res, seen, range(n // 2)))
+            with os.fdopen(r, "rb") as pipe:
+                r = -1
+                said = pipe.read()  # until the child exits
+            _, status = os.waitpid(pid, 0)
+            pid = 0
+            if os.waitstatus_to_exitcode(status) == 0:
+                theirs = json.loads(said)
+                with open(part, "rb") as p:
+                    shutil.copyfileobj(p, f, 1 << 20)
+            else:
+                log.warning("the process writing the second half of the records failed; writing it here")
+                theirs = {}
+                _write_chunks(f, interaction_lines(cfg, prompts, res, theirs, range(n // 2, n)))
+    finally:
+        if r >= 0:
+            os.close(r)
+        if pid:  # this process failed first (e.g. Ctrl-C): its output is void, the child's too
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        if part.is_file():  # not whatever else a user may have there
+            part.unlink()
+    seen.update(
+        records=seen["records"] + theirs["records"],
+        logprobs=seen["logprobs"] or theirs["logprobs"],
+        top=seen["top"] or theirs["top"],
+    )
 
 
 def write_interactions(path: Path, records: Iterable[dict]) -> None:
@@ -712,12 +793,8 @@ def _run(cfg: CollectConfig, progress: Callable[[dict], None] | None) -> dict:
     finally:
         store.close()
     seen: dict[str, Any] = {}
-    lines = interaction_lines(cfg, prompts, res, seen)
     with gc_paused():
-        if out.suffix == ".parquet":
-            write_interactions(out, (json.loads(line) for line in lines))
-        else:
-            write_lines(out, lines)
+        write_records(out, cfg, prompts, res, seen)
     capability = res.capability
     if cfg.backend != "hf":  # an API's capability is what its replies held
         capability = "top_k_logprobs" if seen["top"] else "token_logprobs" if seen["logprobs"] else "text"
