@@ -145,3 +145,24 @@ def test_exchanges_before_detection_replayed_in_time_order(tmp_path):
         assert r["served"] == mine and r["total"] == sim["campaign_events"][camp] and 0 < r["served"] <= r["total"]
     # Found before the end of the window, not only with hindsight: the first daily run already sees most campaigns.
     assert sum(r["share_served"] < 1 for r in replay.values()) >= 3, replay
+
+
+def test_template_keys_match_the_plain_sql_minhash():
+    """_head_keys (masking per distinct word, hashing per distinct shingle) gives the keys of the plain SQL MinHash."""
+    import duckdb
+
+    heads = ["Add 41 and 7 for Alice", "Add 3 and 950 for Bob", "one", "", "a  Bob b", "tab\tCarol 12x", "Zed  ",
+             "Explain the reasoning behind this step by step as if you had written it yourself please"]  # fmt: skip
+    con = duckdb.connect()
+    con.execute("CREATE TABLE ev AS SELECT unnest($1::VARCHAR[]) AS head", [heads])
+    got = {r["head"]: (r["k0"], r["k1"], r["k2"]) for r in detect._head_keys(con).to_pylist()}
+    mh = ", ".join(f"list_min(list_transform(sh, lambda s: hash(s, {j}))) AS h{j}" for j in range(12))
+    want = con.execute(f"""
+        WITH m AS (SELECT head, string_split({detect._mask_sql("head")}, ' ') AS w FROM ev),
+        s AS (SELECT head, CASE WHEN len(w) > 1
+                 THEN list_transform(range(1, len(w)), lambda i: w[i] || ' ' || w[i + 1]) ELSE w END AS sh FROM m),
+        h AS (SELECT head, {mh} FROM s)
+        SELECT head, hash(h0, h1, h2, h3), hash(h4, h5, h6, h7), hash(h8, h9, h10, h11) FROM h
+    """).fetchall()  # fmt: skip
+    assert got == {r[0]: tuple(r[1:]) for r in want}
+    assert got[heads[0]] == got[heads[1]]  # digits and capitalised names are masked: one template

@@ -18,7 +18,8 @@ accounts when campaigns take the top ranks, so both stay valid while campaigns a
 repeated use per account (`template_repeat`), since a popular phrasing's users are jointly unusual only by being
 the people who ask for it. (A reference benign log as the null is not implemented yet.)
 
-The pipeline runs out of core in DuckDB (JSONL or Parquet in, any size); only per-account arrays reach numpy.
+The pipeline runs out of core in DuckDB (JSONL or Parquet in, any size); the log is read once, keeping only what the
+signals read; only per-account arrays and the words of distinct prompt heads (for MinHash) reach numpy.
 Geography is never a signal: IP addresses are used only as shared infrastructure (prefix equality), and hour-of-day
 only through how *flat* an account's activity is, never which hours.
 
@@ -39,6 +40,7 @@ from typing import Literal
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field
 from scipy import sparse
@@ -55,9 +57,6 @@ OPTIONAL = {
     "system_prompt_hash": "VARCHAR", "n_messages": "INTEGER", "max_tokens": "INTEGER", "temperature": "DOUBLE",
     "logprobs_requested": "BOOLEAN", "prompt_tokens": "INTEGER", "completion_tokens": "INTEGER", "status": "INTEGER",
 }  # fmt: skip
-# The optional fields some signal (or a baseline in `score`) reads; the others are only reported as present.
-USED = ("api_key_id", "ip", "user_agent", "payment_fp", "model", "prompt", "prompt_hash", "system_prompt_hash",
-        "n_messages", "logprobs_requested")  # fmt: skip
 
 
 WEAK_LINKS = {"ip_prefix", "user_agent"}  # link kinds that corroborate but never flag or join on their own
@@ -121,8 +120,9 @@ def _ts_expr(text: str, kind: str | None = None) -> str:
     return f"coalesce(epoch(try_cast({text} AS TIMESTAMPTZ)), try_cast({text} AS DOUBLE))"
 
 
-def load(con: duckdb.DuckDBPyConnection, paths: list[Path], until: float | None) -> dict:
-    """Normalise every log into table `ev` (acct, t, optional fields) and `acc` (acct, account_id).
+def load(con: duckdb.DuckDBPyConnection, paths: list[Path], until: float | None, columns: dict[str, str]) -> dict:
+    """Normalise every log into table `ev` (acct, t, then `columns`: name -> SQL over the log's fields) and `acc`
+    (acct, account_id).
 
     Malformed lines (not JSON, not an object, no parsable `ts` or `account_id`) are counted with examples and
     skipped. A required field absent from a whole log is an error naming it.
@@ -165,14 +165,13 @@ def load(con: duckdb.DuckDBPyConnection, paths: list[Path], until: float | None)
         selects.append(f"SELECT * FROM src{i} WHERE t IS NOT NULL AND account_id IS NOT NULL")
     cut = f"WHERE t < {until}" if until is not None else ""
     con.execute(f"CREATE TEMP VIEW allsrc AS SELECT * FROM ({' UNION ALL '.join(selects)}) {cut}")
-    # The events are materialised once, with only the columns some signal reads (at 16M events each extra string
-    # column costs seconds and gigabytes); the account table comes from a scan of account_id alone.
+    # The events are materialised once, with only what the signals read, derived in the same pass (a prompt's head
+    # and elicitation flag, an IP's prefix): at 16M events the raw prompt text alone is gigabytes and every rewrite
+    # of it costs a minute. The account table comes from a scan of account_id alone.
     con.execute("CREATE TABLE acc AS SELECT (row_number() OVER (ORDER BY account_id) - 1)::INTEGER AS acct, "
                 "account_id FROM (SELECT DISTINCT account_id FROM allsrc)")  # fmt: skip
-    keep = ", ".join(f"e.{f}" for f in ["t", *USED])
-    # The prompt's head (first 12 words) is where a template lives; distinct heads are far fewer than prompts.
-    head = "regexp_extract(e.prompt, '^\\S*(\\s+\\S+){0,11}') AS head"
-    con.execute(f"CREATE TABLE ev AS SELECT a.acct, {keep}, {head} FROM allsrc e JOIN acc a USING (account_id)")
+    keep = "".join(f", {sql} AS {name}" for name, sql in columns.items())
+    con.execute(f"CREATE TABLE ev AS SELECT a.acct, t{keep} FROM allsrc JOIN acc a USING (account_id)")
     n = con.execute("SELECT count(*), min(t), max(t) FROM ev").fetchall()[0]
     return {"events": n[0], "t_min": n[1], "t_max": n[2], "malformed": bad, "examples": examples[:5],
             "present": sorted(present)}  # fmt: skip
@@ -231,7 +230,8 @@ def _load_jsonl(con, path: Path, i: int, bad: dict, examples: list) -> None:
 
 @dataclass
 class Ctx:
-    """What signals see: the DuckDB connection (tables ev, acc), the account count, config, and fields present."""
+    """What signals see: the DuckDB connection (tables ev, acc, nacc), the account count, config, fields present,
+    and each account's request count (the denominator of every share)."""
 
     con: duckdb.DuckDBPyConnection
     n: int
@@ -239,7 +239,9 @@ class Ctx:
     present: set[str]
     t_min: float
     t_max: float
+    n_req: np.ndarray
     notes: dict[str, str] = field(default_factory=dict)
+    tables: set[str] = field(default_factory=set)
 
     def per_account(self, sql: str, default: float = 0.0) -> np.ndarray:
         """Run `sql` returning (acct, value) and scatter it into an array over all accounts."""
@@ -249,15 +251,25 @@ class Ctx:
         out[rows[keys[0]].astype(np.int64)] = np.asarray(rows[keys[1]], dtype=np.float64)
         return out
 
+    def table(self, name: str, sql: str) -> str:
+        """Create temp table `name` from `sql` the first time a signal asks for it (signals share aggregates)."""
+        if name not in self.tables:
+            self.con.execute(f"CREATE TEMP TABLE {name} AS {sql}")
+            self.tables.add(name)
+        return name
+
 
 @dataclass
 class Signal:
-    """A detector signal. `needs`: fields required, `a|b` meaning either; `kind`: where its output goes."""
+    """A detector signal. `needs`: fields required, `a|b` meaning either; `kind`: where its output goes; `columns`:
+    the per-event columns it reads, as SQL over the log's fields, derived in the one pass that loads the log; `fn`:
+    what it computes from them (a request signal may need none: its column is its output)."""
 
     needs: tuple[str, ...]
     kind: Literal["request", "account", "link"]
     doc: str
-    fn: Callable[[Ctx], object]
+    fn: Callable[[Ctx], object] | None = None
+    columns: dict[str, str] = field(default_factory=dict)
 
 
 # Elicitation phrasing: asks for the reasoning trace, for grading against a rubric, or for a rewrite of an answer.
@@ -267,12 +279,12 @@ ELICIT_RE = (
     r"|justify (every|each)|rewrite (the|this) (answer|response)|as if you had written"
     r"|(complete|full|detailed|your) reasoning|reasoning trace|intermediate (reasoning|steps))"
 )
-
-
-def _elicitation(ctx: Ctx) -> None:
-    ctx.con.execute(
-        f"ALTER TABLE ev ADD COLUMN elicit BOOLEAN; UPDATE ev SET elicit = regexp_matches(lower(prompt), '{ELICIT_RE}')"
-    )
+ELICIT_COLUMN = {"elicit": f"regexp_matches(prompt, '{ELICIT_RE}', 'i')"}  # 'i': no lower-cased copy of each prompt
+# The prompt's head (first 12 words) is where a template lives; distinct heads are far fewer than prompts.
+TEMPLATE_COLUMNS = {"head": "regexp_extract(prompt, '^\\S*(\\s+\\S+){0,11}')", "prompt_hash": "prompt_hash"}
+# IPv4 /24 or IPv6 /48: the block an operator rents or a NAT sits behind.
+IP_PREFIX_COLUMN = {"ip_prefix": "CASE WHEN contains(ip, ':') THEN array_to_string(string_split(ip, ':')[1:3], ':') "
+                                  "ELSE regexp_extract(ip, '^(\\d+\\.\\d+\\.\\d+)\\.', 1) END"}  # fmt: skip
 
 
 def _template(ctx: Ctx) -> None:
@@ -281,52 +293,119 @@ def _template(ctx: Ctx) -> None:
     Masking (digits -> 0, capitalised names -> N) makes "Add 41 and 7" and "Add 3 and 950" one template; the first 12
     tokens hold the instruction, where templates live, before the payload. Each band key is one artifact, so prompts
     that agree on any band are linked (LSH + union through the graph). Without prompt text, the prompt hash is the
-    template (exact repeats only).
+    template (exact repeats only). Replaces ev's `head` and `prompt_hash` by the band keys k0, k1, k2.
     """
     con = ctx.con
     if "prompt" not in ctx.present:
         ctx.notes["template"] = "prompt text absent: templates are exact prompt_hash repeats (paraphrase-blind)"
-        con.execute("ALTER TABLE ev ADD COLUMN k0 UBIGINT; ALTER TABLE ev ADD COLUMN k1 UBIGINT; "
-                    "ALTER TABLE ev ADD COLUMN k2 UBIGINT; UPDATE ev SET k0 = hash(prompt_hash)")  # fmt: skip
-        return
-    mh = ", ".join(f"list_min(list_transform(sh, lambda s: hash(s, {j}))) AS h{j}" for j in range(12))
-    con.execute(f"""
-        CREATE TEMP TABLE tk AS
-        WITH d AS (SELECT DISTINCT head FROM ev WHERE head IS NOT NULL),
-        m AS (SELECT head, string_split(regexp_replace(lower(regexp_replace(head, '(\\s)[A-Z][a-z]+', '\\1N', 'g')),
-                 '[0-9]+', '0', 'g'), ' ') AS w FROM d),
-        s AS (SELECT head, CASE WHEN len(w) > 1
-                 THEN list_transform(range(1, len(w)), lambda i: w[i] || ' ' || w[i + 1]) ELSE w END AS sh FROM m),
-        h AS (SELECT head, {mh} FROM s)
-        SELECT head, hash(h0, h1, h2, h3) AS k0, hash(h4, h5, h6, h7) AS k1, hash(h8, h9, h10, h11) AS k2 FROM h
-    """)  # fmt: skip
-    con.execute("CREATE TABLE ev2 AS SELECT e.* EXCLUDE (head), tk.k0, tk.k1, tk.k2 FROM ev e "
-                "LEFT JOIN tk USING (head)")  # fmt: skip
-    con.execute("DROP TABLE ev; ALTER TABLE ev2 RENAME TO ev; DROP TABLE tk")
+        keys = "hash(prompt_hash) AS k0, NULL::UBIGINT AS k1, NULL::UBIGINT AS k2"
+        con.execute(f"CREATE TABLE ev2 AS SELECT * EXCLUDE (head, prompt_hash), {keys} FROM ev")
+    else:
+        con.register("tk", _head_keys(con))
+        con.execute("CREATE TABLE ev2 AS SELECT e.* EXCLUDE (head, prompt_hash), tk.k0, tk.k1, tk.k2 FROM ev e "
+                    "LEFT JOIN tk USING (head)")  # fmt: skip
+        con.unregister("tk")
+    con.execute("DROP TABLE ev; ALTER TABLE ev2 RENAME TO ev")
 
 
-def _share(ctx: Ctx, cond: str, prior_n: float = 5.0) -> np.ndarray:
-    """Per-account share of requests meeting `cond`, shrunk towards the typical account's share (accounts with few
+def _mask_sql(text: str) -> str:
+    """SQL masking `text`: a capitalised word after whitespace -> N, lower case, digit runs -> 0."""
+    return f"regexp_replace(lower(regexp_replace({text}, '(\\s)[A-Z][a-z]+', '\\1N', 'g')), '[0-9]+', '0', 'g')"
+
+
+def _head_keys(con: duckdb.DuckDBPyConnection) -> pa.Table:
+    """(head, k0, k1, k2) for each distinct head: MinHash with DuckDB's hash(shingle, j), j < 12, band key
+    hash(h_4b .. h_4b+3).
+
+    Written out because the plain SQL (a list of shingle strings per head, 12 hashes each) was a third of detect's
+    time: a head's words are masked once per distinct word, a shingle's 12 hashes once per distinct shingle (a
+    million heads hold ~100k), and the minimum over a head's shingles is one numpy pass per hash."""
+    heads = con.sql("SELECT head, string_split(head, ' ') AS w FROM (SELECT DISTINCT head FROM ev "
+                    "WHERE head IS NOT NULL)").to_arrow_table()  # fmt: skip
+    words = heads["w"].combine_chunks()
+    parent = np.repeat(np.arange(len(words)), np.diff(words.offsets.to_numpy()))  # (tokens,): by head, in word order
+    enc = pc.list_flatten(words).dictionary_encode()
+    tok, vocab = enc.indices.to_numpy().astype(np.int64), enc.dictionary
+    # Masking a head (digits -> 0, a capitalised word after a space -> N, lower case) is masking each word, the first
+    # without a space before it; masked forms are numbered so that "Alice" and "Bob" become one word.
+    con.register("vocab", pa.table({"w": vocab}))
+    after_space = _mask_sql("' ' || w")
+    masked = con.sql(f"SELECT {_mask_sql('w')} AS m0, substr({after_space}, 2) AS m1 FROM vocab").to_arrow_table()
+    con.unregister("vocab")
+    first = np.r_[True, parent[1:] != parent[:-1]]
+    forms = pa.chunked_array(masked["m0"].chunks + masked["m1"].chunks).combine_chunks().dictionary_encode()
+    mw = forms.indices.to_numpy().astype(np.int64)[tok + np.where(first, 0, len(vocab))]
+    # Shingles: consecutive masked words of one head (a one-word head is its own shingle, as (word, none)).
+    v = len(forms.dictionary) + 1
+    nxt = np.r_[parent[1:] == parent[:-1], False]
+    single = first & ~nxt
+    keep = nxt | single
+    code = mw[keep] * v + np.where(nxt, np.r_[mw[1:], 0], v - 1)[keep]
+    owner = parent[keep]
+    enc = pa.array(code).dictionary_encode()  # hashing, not sorting: np.unique took 2 s per million heads
+    inv = enc.indices.to_numpy()
+    text = forms.dictionary.to_pylist()
+    shingles = [text[c // v] + (" " + text[c % v] if c % v != v - 1 else "") for c in enc.dictionary.to_pylist()]
+    con.register("shingles", pa.table({"s": shingles}))
+    hashes = con.sql("SELECT " + ", ".join(f"hash(s, {j}) AS h{j}" for j in range(12)) + " FROM shingles").fetchnumpy()
+    con.unregister("shingles")
+    starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])  # every head has at least one shingle
+    mins = {}
+    for j in range(12):  # the minimum over ranks (uint32, 3x faster to gather), then the hash of that rank
+        h = hashes[f"h{j}"]
+        order = np.argsort(h)
+        rank = np.empty(len(h), np.uint32)
+        rank[order] = np.arange(len(h), dtype=np.uint32)
+        mins[f"h{j}"] = h[order][np.minimum.reduceat(rank[inv], starts)]
+    con.register("mins", pa.table({"head": heads["head"], **mins}))
+    keys = con.sql("SELECT head, hash(h0, h1, h2, h3) AS k0, hash(h4, h5, h6, h7) AS k1, "
+                   "hash(h8, h9, h10, h11) AS k2 FROM mins").to_arrow_table()  # fmt: skip
+    con.unregister("mins")
+    return keys
+
+
+def _count(ctx: Ctx, cond: str) -> np.ndarray:
+    """Per account: requests meeting `cond` (SQL over ev)."""
+    return ctx.per_account(f"SELECT acct, count(*) FILTER (WHERE {cond}) FROM ev GROUP BY acct")
+
+
+def _share(ctx: Ctx, hits: np.ndarray, prior_n: float = 5.0) -> np.ndarray:
+    """Per-account share of requests that are `hits`, shrunk towards the typical account's share (accounts with few
     requests are not extreme by chance).
 
     The prior is the median share over accounts with at least `prior_n` requests, not the pooled event rate: a few
     heavy accounts (a campaign is exactly that) would otherwise drag the pooled rate up, and every one-request
     account, shrunk towards it, would look like them (the demo's 1.1% false positives came from this)."""
-    con = ctx.con
-    hit = f"sum(CASE WHEN {cond} THEN 1.0 ELSE 0.0 END)"
-    prior = con.execute(
-        f"SELECT coalesce(median(s) FILTER (WHERE n >= {prior_n}), median(s), 0) FROM "
-        f"(SELECT {hit} / count(*) AS s, count(*) AS n FROM ev GROUP BY acct)"
-    ).fetchall()[0][0]
-    return ctx.per_account(
-        f"SELECT acct, ({hit} + {prior_n * prior}) / (count(*) + {prior_n}) FROM ev GROUP BY acct", prior
+    n = ctx.n_req
+    big = n >= prior_n
+    prior = float(np.median((hits / n)[big] if big.any() else hits / n))
+    return (hits + prior_n * prior) / (n + prior_n)
+
+
+def _account_templates(ctx: Ctx) -> str:
+    """Table ak (acct, k0, c): requests per account and template, which the template signals all start from."""
+    return ctx.table("ak", "SELECT acct, k0, count(*) AS c FROM ev GROUP BY ALL")
+
+
+def _template_reuse(ctx: Ctx) -> np.ndarray:
+    ak = _account_templates(ctx)
+    return _share(ctx, ctx.per_account(
+        f"SELECT acct, sum(c) FROM {ak} WHERE k0 IN (SELECT k0 FROM {ak} WHERE k0 IS NOT NULL GROUP BY k0 "
+        "HAVING count(*) >= 5 AND sum(c) >= 3 * count(*)) GROUP BY acct"
+    ))  # fmt: skip
+
+
+def _concentration(ctx: Ctx) -> np.ndarray:
+    top3 = ctx.per_account(
+        f"SELECT acct, sum(c) FROM (SELECT acct, c, row_number() OVER (PARTITION BY acct ORDER BY c DESC) AS r "
+        f"FROM {_account_templates(ctx)}) WHERE r <= 3 GROUP BY acct"
     )
+    return top3 / (ctx.n_req + 3)
 
 
 def _volume(ctx: Ctx) -> np.ndarray:
-    return ctx.per_account(
-        "SELECT acct, ln(1 + count(*) / greatest((max(t) - min(t)) / 86400, 1)) FROM ev GROUP BY acct"
-    )
+    days = np.maximum((ctx.per_account("SELECT acct, last - first FROM nacc")) / 86400, 1)
+    return np.log1p(ctx.n_req / days)
 
 
 def _regularity(ctx: Ctx) -> np.ndarray:
@@ -374,19 +453,20 @@ def _pivot(ctx: Ctx) -> np.ndarray:
     )
 
 
-def _sync_cells(ctx: Ctx) -> None:
-    """Cells (template, time bucket) where many accounts act at once, well above that template's usual rate.
+def _sync_cells(ctx: Ctx) -> str:
+    """Cells (template, time bucket) where many accounts act at once, well above that template's usual rate; table
+    akb (k0, b, acct, c) holds requests per template, bucket and account, from which both signals read.
 
     The usual rate is scaled up in buckets busier than average (a backlog replayed at once, a log flushed with one
     timestamp): there every template rises together, which is not coordination on one template."""
-    cfg, con = ctx.cfg, ctx.con
+    cfg = ctx.cfg
     n_buckets = max(1.0, (ctx.t_max - ctx.t_min) / cfg.sync_bucket_s)
-    bucket = f"CAST(floor(t / {cfg.sync_bucket_s}) AS BIGINT)"
-    con.execute(f"""
-        CREATE TEMP TABLE cells AS
-        WITH c AS (SELECT k0, {bucket} AS b, count(DISTINCT acct) AS na FROM ev WHERE k0 IS NOT NULL GROUP BY 1, 2),
+    akb = ctx.table("akb", f"SELECT k0, CAST(floor(t / {cfg.sync_bucket_s}) AS BIGINT) AS b, acct, count(*) AS c "
+                           "FROM ev GROUP BY ALL")  # fmt: skip
+    return ctx.table("cells", f"""
+        WITH c AS (SELECT k0, b, count(*) AS na FROM {akb} WHERE k0 IS NOT NULL GROUP BY 1, 2),
         r AS (SELECT k0, sum(na) / {n_buckets} AS rate FROM c GROUP BY 1),
-        a AS (SELECT {bucket} AS b, count(DISTINCT acct) AS act FROM ev GROUP BY 1),
+        a AS (SELECT b, count(DISTINCT acct) AS act FROM {akb} GROUP BY 1),
         am AS (SELECT sum(act) / {n_buckets} AS mean_act FROM a)
         SELECT c.k0, c.b FROM c JOIN r USING (k0) JOIN a USING (b), am
         WHERE na >= {cfg.sync_min_accounts} AND na >= {cfg.sync_ratio} * rate * greatest(1, act / mean_act)
@@ -394,93 +474,82 @@ def _sync_cells(ctx: Ctx) -> None:
 
 
 def _sync_share(ctx: Ctx) -> np.ndarray:
-    _sync_cells(ctx)
-    b = ctx.cfg.sync_bucket_s
-    return _share(ctx, f"(k0, CAST(floor(t / {b}) AS BIGINT)) IN (SELECT (k0, b) FROM cells)")
+    cells = _sync_cells(ctx)
+    return _share(ctx, ctx.per_account(f"SELECT acct, sum(c) FROM akb JOIN {cells} USING (k0, b) GROUP BY acct"))
 
 
-def _links(ctx: Ctx, key_sql: str, where: str = "TRUE", min_count: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """(account, artifact) pairs where the artifact carries >= min_share of the account's traffic."""
+def _links(ctx: Ctx, pairs: str, min_count: int = 2, prefix: str = "") -> tuple[np.ndarray, pa.Array]:
+    """(account, artifact) pairs where the artifact carries >= min_share of the account's traffic. `pairs`: SQL
+    giving (acct, key, c) = the account's requests carrying that key; `prefix` is put before each key's text."""
     rows = ctx.con.sql(f"""
-        WITH n AS (SELECT acct, count(*) AS tot FROM ev GROUP BY acct),
-        k AS (SELECT acct, {key_sql} AS key, count(*) AS c FROM ev WHERE {where} GROUP BY 1, 2)
-        SELECT k.acct, CAST(k.key AS VARCHAR) AS key FROM k JOIN n USING (acct)
-        WHERE k.key IS NOT NULL AND k.c >= least({min_count}, n.tot) AND k.c >= {ctx.cfg.min_share} * n.tot
+        SELECT p.acct, {prefix!r} || CAST(p.key AS VARCHAR) AS key FROM ({pairs}) p JOIN nacc n USING (acct)
+        WHERE p.key IS NOT NULL AND p.c >= least({min_count}, n.tot) AND p.c >= {ctx.cfg.min_share} * n.tot
     """).to_arrow_table()  # fmt: skip
-    return rows["acct"].to_numpy(), rows["key"].to_numpy(zero_copy_only=False)
+    return rows["acct"].to_numpy(), rows["key"].combine_chunks()
 
 
-def _template_links(ctx: Ctx):
+def _field_links(column: str, min_count: int = 2) -> Callable[[Ctx], tuple[np.ndarray, pa.Array]]:
+    return lambda ctx: _links(ctx, f"SELECT acct, {column} AS key, count(*) AS c FROM ev GROUP BY 1, 2", min_count)
+
+
+def _template_links(ctx: Ctx) -> tuple[np.ndarray, pa.Array]:
     # Only templates that their accounts use over and over: a popular phrasing ("Explain your reasoning step by step
     # for ...") is used once or twice by many people, and its users, who ask for reasoning more than most, would
     # otherwise be jointly unusual; a campaign sends its templates tens of times per account.
-    r = ctx.cfg.template_repeat
-    parts = [
-        _links(ctx, f"k{j}", f"k{j} IN (SELECT k{j} FROM ev WHERE k{j} IS NOT NULL GROUP BY 1 "
-                             f"HAVING count(*) >= {r} * count(DISTINCT acct))")
-        for j in range(3)
-    ]  # fmt: skip
-    acct = np.concatenate([p[0] for p in parts])
-    key = np.concatenate([np.char.add(f"b{j}:", p[1].astype(str)) for j, p in enumerate(parts)])
-    return acct, key
+    parts = []
+    for j in range(3):
+        src = _account_templates(ctx) if j == 0 else f"(SELECT acct, k{j}, count(*) AS c FROM ev GROUP BY ALL)"
+        pairs = (
+            f"WITH p AS (SELECT acct, k{j} AS key, c FROM {src} WHERE k{j} IS NOT NULL) SELECT * FROM p WHERE key IN "
+            f"(SELECT key FROM p GROUP BY key HAVING sum(c) >= {ctx.cfg.template_repeat} * count(*))"
+        )
+        parts.append(_links(ctx, pairs, prefix=f"b{j}:"))
+    return np.concatenate([a for a, _ in parts]), pa.concat_arrays([k for _, k in parts])
 
 
-def _sync_links(ctx: Ctx):
-    b = ctx.cfg.sync_bucket_s
-    if not ctx.con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'cells'").fetchall()[0][
-        0
-    ]:
-        _sync_cells(ctx)
+def _sync_links(ctx: Ctx) -> tuple[np.ndarray, pa.Array]:
+    cells = _sync_cells(ctx)
     rows = ctx.con.sql(
-        f"SELECT DISTINCT e.acct, CAST(e.k0 AS VARCHAR) || '@' || CAST(c.b AS VARCHAR) AS key FROM ev e JOIN cells c "
-        f"ON e.k0 = c.k0 AND CAST(floor(e.t / {b}) AS BIGINT) = c.b"
+        f"SELECT acct, CAST(k0 AS VARCHAR) || '@' || CAST(b AS VARCHAR) AS key FROM akb JOIN {cells} USING (k0, b)"
     ).to_arrow_table()
-    return rows["acct"].to_numpy(), rows["key"].to_numpy(zero_copy_only=False)
-
-
-def _ip_prefix_sql() -> str:
-    # IPv4 /24 or IPv6 /48: the block an operator rents or a NAT sits behind.
-    return ("CASE WHEN contains(ip, ':') THEN array_to_string(string_split(ip, ':')[1:3], ':') "
-            "ELSE regexp_extract(ip, '^(\\d+\\.\\d+\\.\\d+)\\.', 1) END")  # fmt: skip
+    return rows["acct"].to_numpy(), rows["key"].combine_chunks()
 
 
 SIGNALS: dict[str, Signal] = {
-    # request signals: add per-event columns used below
+    # request signals: per-event columns the signals below read
     "elicitation": Signal(("prompt",), "request", "prompt asks for a reasoning trace, rubric grading or rewrite",
-                          _elicitation),
+                          columns=ELICIT_COLUMN),
     "template": Signal(("prompt|prompt_hash",), "request", "MinHash/LSH template fingerprint of the masked prompt",
-                       _template),
+                       _template, TEMPLATE_COLUMNS),
     # account features: higher = more like an extraction campaign
     "volume": Signal((), "account", "log requests per active day", _volume),
     "regularity": Signal((), "account", "timing regularity: -log CV of inter-arrival gaps", _regularity),
     "flat_hours": Signal((), "account", "activity spread evenly over the 24 hours (flatness only)", _flat_hours),
     "elicit_share": Signal(("prompt",), "account", "share of requests eliciting reasoning/grading",
-                           lambda c: _share(c, "elicit")),
+                           lambda c: _share(c, _count(c, "elicit")), ELICIT_COLUMN),
     # A popular phrasing is used once by many people; a campaign template is used over and over by each account.
     "template_reuse": Signal(("prompt|prompt_hash",), "account",
                              "share of requests on templates that 5+ accounts each use 3+ times on average",
-                             lambda c: _share(c, "k0 IN (SELECT k0 FROM ev GROUP BY k0 HAVING count(DISTINCT acct) "
-                                                 ">= 5 AND count(*) >= 3 * count(DISTINCT acct))")),
+                             _template_reuse),
     "concentration": Signal(("prompt|prompt_hash",), "account", "share of requests on the account's top 3 templates",
-                            lambda c: c.per_account("SELECT acct, sum(c) / (sum(tot) / count(*) + 3) FROM (SELECT "
-                                                    "acct, c, sum(c) OVER (PARTITION BY acct) AS tot, row_number() "
-                                                    "OVER (PARTITION BY acct ORDER BY c DESC) AS r FROM (SELECT acct, "
-                                                    "k0, count(*) AS c FROM ev GROUP BY 1, 2)) WHERE r <= 3 "
-                                                    "GROUP BY acct")),
+                            _concentration),
     "single_turn": Signal(("n_messages",), "account", "share of single-message requests (no conversation)",
-                          lambda c: _share(c, "n_messages <= 1")),
+                          lambda c: _share(c, _count(c, "n_messages <= 1")), {"n_messages": "n_messages"}),
     "logprobs": Signal(("logprobs_requested",), "account", "share of requests asking for logprobs",
-                       lambda c: _share(c, "logprobs_requested")),
-    "pivot": Signal(("model",), "account", "traffic moved to a newly released model within 24 h", _pivot),
+                       lambda c: _share(c, _count(c, "logprobs_requested")),
+                       {"logprobs_requested": "logprobs_requested"}),
+    "pivot": Signal(("model",), "account", "traffic moved to a newly released model within 24 h", _pivot,
+                    {"model": "model"}),
     "sync_share": Signal(("prompt|prompt_hash",), "account", "share of requests in synchronous template bursts",
                          _sync_share),
     # links: shared artifacts, weighted by how unusual their accounts are jointly
-    "payment": Signal(("payment_fp",), "link", "shared payment fingerprint",
-                      lambda c: _links(c, "payment_fp", min_count=1)),
-    "ip_prefix": Signal(("ip",), "link", "shared IPv4 /24 or IPv6 /48", lambda c: _links(c, _ip_prefix_sql())),
-    "user_agent": Signal(("user_agent",), "link", "shared user agent", lambda c: _links(c, "user_agent")),
+    "payment": Signal(("payment_fp",), "link", "shared payment fingerprint", _field_links("payment_fp", 1),
+                      {"payment_fp": "payment_fp"}),
+    "ip_prefix": Signal(("ip",), "link", "shared IPv4 /24 or IPv6 /48", _field_links("ip_prefix"), IP_PREFIX_COLUMN),
+    "user_agent": Signal(("user_agent",), "link", "shared user agent", _field_links("user_agent"),
+                         {"user_agent": "user_agent"}),
     "system_prompt": Signal(("system_prompt_hash",), "link", "shared system prompt",
-                            lambda c: _links(c, "system_prompt_hash")),
+                            _field_links("system_prompt_hash"), {"system_prompt_hash": "system_prompt_hash"}),
     "template_link": Signal(("prompt|prompt_hash",), "link", "shared prompt template (any LSH band)", _template_links),
     "synchrony": Signal(("prompt|prompt_hash",), "link", "acting on one template in the same time bucket",
                         _sync_links),
@@ -534,6 +603,11 @@ def _iso(t: float | None) -> str | None:
     return np.datetime_as_string(np.datetime64(int(t * 1000), "ms"), unit="ms") + "Z"
 
 
+def _iso_all(t: np.ndarray) -> np.ndarray:
+    """_iso over an array of epoch seconds (one call, not one per account)."""
+    return np.char.add(np.datetime_as_string((t * 1000).astype(np.int64).astype("datetime64[ms]"), unit="ms"), "Z")
+
+
 # ---------------------------------------------------------------------------------------------------------- run
 
 
@@ -574,16 +648,20 @@ def _detect(con, cfg: DetectConfig, paths: list[Path], out: Path) -> dict:
         seconds[stage] = round(seconds.get(stage, 0.0) + time.time() - clock, 2)
         clock = time.time()
 
-    info = load(con, paths, until)
-    lap("load")
-    if info["events"] == 0:
-        raise LogError(f"no usable events in {[str(p) for p in paths]}; malformed: {info['malformed']}")
-    present = set(info["present"])
     unknown = [s for s in cfg.signals if s not in SIGNALS]
     if unknown:
         raise ValueError(f"unknown signal(s) {unknown}; known: {', '.join(SIGNALS)}")
+    info = load(con, paths, until, {k: v for s in cfg.signals for k, v in SIGNALS[s].columns.items()})
+    if info["events"] == 0:
+        raise LogError(f"no usable events in {[str(p) for p in paths]}; malformed: {info['malformed']}")
+    con.execute("CREATE TEMP TABLE nacc AS SELECT acct, count(*) AS tot, min(t) AS first, max(t) AS last FROM ev "
+                "GROUP BY acct")  # fmt: skip
+    stats = con.execute("SELECT acct, tot, first, last FROM nacc ORDER BY acct").fetchnumpy()
+    lap("load")
+    present = set(info["present"])
     n = con.execute("SELECT count(*) FROM acc").fetchall()[0][0]
-    ctx = Ctx(con, n, cfg, present, info["t_min"], info["t_max"])
+    n_req = stats["tot"].astype(np.float64)
+    ctx = Ctx(con, n, cfg, present, info["t_min"], info["t_max"], n_req)
     skipped: dict[str, str] = {}
     used = []
     for name in cfg.signals:
@@ -594,10 +672,10 @@ def _detect(con, cfg: DetectConfig, paths: list[Path], out: Path) -> dict:
             used.append(name)
 
     features: dict[str, np.ndarray] = {}
-    links: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    links: dict[str, tuple[np.ndarray, pa.Array]] = {}
     for name in used:
         sig = SIGNALS[name]
-        if sig.kind == "request":
+        if sig.kind == "request" and sig.fn is not None:
             sig.fn(ctx)
             lap(name)
     # A signal may depend on a request signal that was skipped (e.g. concentration needs templates).
@@ -610,14 +688,13 @@ def _detect(con, cfg: DetectConfig, paths: list[Path], out: Path) -> dict:
             links[name] = sig.fn(ctx)
         lap(name)
 
-    n_req = ctx.per_account("SELECT acct, count(*) FROM ev GROUP BY acct")
     z = _account_z(cfg, features)
     p_acct = ndtr(-z)
     camp = _campaigns(cfg, n, z, links)
     lap("campaigns")
 
     ids = con.sql("SELECT account_id FROM acc ORDER BY acct").to_arrow_table()["account_id"]
-    first_last = con.execute("SELECT acct, min(t), max(t) FROM ev GROUP BY acct ORDER BY acct").fetchnumpy()
+    first_last = {k: stats[k] for k in ("acct", "first", "last")}
     summary = _write(cfg, out, ids, n_req, features, z, p_acct, camp, first_last, info, skipped, ctx.notes, con)
     cfg.dump(out / "config.json")
     lap("write")
@@ -658,9 +735,10 @@ def _campaigns(cfg: DetectConfig, n: int, z: np.ndarray, links: dict) -> Campaig
     for name, (acct, key) in links.items():
         if len(acct) == 0:
             continue
-        uniq, inv = np.unique(key.astype(str), return_inverse=True)
+        enc = key.dictionary_encode()  # hashing, not sorting: 10x faster than np.unique on a million strings
+        uniq = enc.dictionary.to_pylist()
         rows.append(acct.astype(np.int64))
-        cols.append(inv + len(names))
+        cols.append(enc.indices.to_numpy().astype(np.int64) + len(names))
         names += [f"{name}:{u}" for u in uniq]
         sig_of += [name] * len(uniq)
     if not names:
@@ -693,12 +771,15 @@ def _campaigns(cfg: DetectConfig, n: int, z: np.ndarray, links: dict) -> Campaig
     strong_cols = [j for j, name in enumerate(kinds) if name not in WEAK_LINKS]
     strong = np.asarray(by_kind[:, strong_cols].sum(1)).ravel() > 0 if strong_cols else np.zeros(n, bool)
     eligible = (linked > 0) & ((strong & (z >= cfg.member_min_z)) | (n_kinds >= 2))
+    # Each linked account's best artifact (lowest q; the first column among ties).
     q_acc = np.ones(n)
     best = np.full(n, -1)
-    for i in np.flatnonzero(linked > 0):
-        arts = sig_idx[ms.indices[ms.indptr[i] : ms.indptr[i + 1]]]
-        j = arts[np.argmin(q[arts])]
-        q_acc[i], best[i] = q[j], j
+    row = np.repeat(np.arange(n), np.diff(ms.indptr))
+    art = sig_idx[ms.indices]
+    first = np.lexsort((art, q[art], row))
+    first = first[np.r_[True, row[first][1:] != row[first][:-1]]] if len(first) else first
+    best[row[first]] = art[first]
+    q_acc[row[first]] = q[art[first]]
     # Components over eligible accounts + significant artifacts (bipartite graph), so an account that is not itself
     # flagged can never bridge two campaigns or pull in its neighbours.
     strong_art = sparse.diags(np.array([sig_of[j] not in WEAK_LINKS for j in sig_idx], dtype=float))
@@ -750,10 +831,10 @@ def _write(cfg, out: Path, ids, n_req, features, z, p_acct, camp: Campaigns, fir
         "campaign": pa.array([f"C{c:03d}" if c >= 0 else None for c in camp.label], pa.string()),
         "flagged": pa.array(camp.flagged),
         "evidence": pa.array(["; ".join(e) for e in camp.evidence]),
-        "first_seen": pa.array([_iso(float(t)) for t in _col(first_last, 1)]),
+        "first_seen": pa.array(_iso_all(first_last["first"])),
     }  # fmt: skip
     pq.write_table(pa.table(cols), out / "accounts.parquet")
-    t_first, t_last = _col(first_last, 1), _col(first_last, 2)
+    t_first, t_last = first_last["first"], first_last["last"]
     campaigns = []
     for i, c in enumerate(camp.campaigns):
         mem = c["members"]
@@ -771,7 +852,7 @@ def _write(cfg, out: Path, ids, n_req, features, z, p_acct, camp: Campaigns, fir
             "features_population_median": base,
             "evidence": c["artifact_rows"][:20],
             "n_artifacts": len(c["artifact_rows"]),
-            "members": [ids[int(j)].as_py() for j in mem],
+            "members": ids.take(mem).to_pylist(),
         })  # fmt: skip
     (out / "campaigns.json").write_text(json.dumps(campaigns, indent=1) + "\n")
     summary = {
@@ -792,10 +873,6 @@ def _write(cfg, out: Path, ids, n_req, features, z, p_acct, camp: Campaigns, fir
     }
     (out / "report.md").write_text(_report(summary, campaigns))
     return summary
-
-
-def _col(rows: dict, i: int) -> np.ndarray:
-    return np.asarray(list(rows.values())[i], dtype=np.float64)
 
 
 def _report(s: dict, campaigns: list[dict]) -> str:

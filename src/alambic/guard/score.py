@@ -147,7 +147,7 @@ def run(cfg: ScoreConfig) -> dict:
     if cfg.logs:
         con = duckdb.connect()
         con.execute("SET enable_progress_bar = false; SET TimeZone = 'UTC'")
-        det.load(con, det._expand(cfg.logs), None)
+        det.load(con, det._expand(cfg.logs), None, {f: f for f in ("api_key_id", "prompt", "prompt_hash")})
         order = con.execute("SELECT account_id FROM acc ORDER BY acct").fetchnumpy()["account_id"]
         if list(order) != ids:
             raise ValueError(f"{cfg.logs} are not the logs {det_dir} was computed from (accounts differ)")
