@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import zlib
 from pathlib import Path
 
 import duckdb
@@ -100,7 +101,7 @@ def _featurise(prompts: list[str], dim: int = 256) -> np.ndarray:
     x = np.zeros((len(prompts), dim))
     for i, p in enumerate(prompts):
         for w in re.findall(r"[a-z]+|\d+", (p or "").lower()):
-            x[i, hash("0" if w.isdigit() else w) % dim] += 1
+            x[i, zlib.crc32(b"0" if w.isdigit() else w.encode()) % dim] += 1  # hash() differs per process
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-9)
 
 
