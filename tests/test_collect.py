@@ -155,7 +155,9 @@ def test_store_reads_the_same_by_lookup_and_by_scan(tmp_path):
     store.put_many(rows)
     few = store.get_many(["k3", "k7", "absent"])  # a small share: looked up by key
     every = store.get_many([f"k{i}" for i in range(40)] + ["absent"])  # most of the store: one sequential pass
+    some = store.get_many([f"k{i}" for i in range(0, 40, 3)] + ["absent"])  # a quarter and more: a pass, filtered
     assert set(few) == {"k3", "k7"} and set(every) == {f"k{i}" for i in range(40)}
+    assert set(some) == {f"k{i}" for i in range(0, 40, 3)} and some["k3"] == few["k3"]
     assert few["k7"] == every["k7"] and json.loads(every["k7"][1]) == {"choices": [{"text": "7"}]}
     assert every["k7"][3] == 0.7
     store.close()
