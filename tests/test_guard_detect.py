@@ -166,3 +166,26 @@ def test_template_keys_match_the_plain_sql_minhash():
     """).fetchall()  # fmt: skip
     assert got == {r[0]: tuple(r[1:]) for r in want}
     assert got[heads[0]] == got[heads[1]]  # digits and capitalised names are masked: one template
+
+
+def _community(rows: list[list[int]]):
+    from scipy import sparse
+
+    r = [i for i, arts in enumerate(rows) for _ in arts]
+    c = [a for arts in rows for a in arts]
+    return sparse.csr_matrix((np.ones(len(r)), (r, c)), shape=(len(rows), max(c) + 1))
+
+
+def test_split_separates_campaigns_joined_by_a_few_accounts():
+    # Two campaigns (own templates 0-2 and 3-4) and a shared camouflage cell (5) that 3 accounts of each act on.
+    a = [[0, 1, 2]] * 27 + [[0, 1, 2, 5]] * 3
+    b = [[3, 4]] * 17 + [[3, 4, 5]] * 3
+    part = detect.split_community(_community(a + b), resolution=1.0, max_bridge=0.25)
+    assert len(set(part[:30])) == 1 and len(set(part[30:])) == 1 and part[0] != part[30]
+
+
+def test_split_keeps_one_campaign_whole():
+    # One campaign whose accounts each use a few of its templates, cards shared by 3 accounts: no cut to find.
+    rng = np.random.default_rng(0)
+    rows = [sorted({*rng.choice(5, 2, replace=False).tolist(), 5 + i // 3}) for i in range(40)]
+    assert set(detect.split_community(_community(rows), resolution=1.0, max_bridge=0.25)) == {0}

@@ -73,6 +73,11 @@ class DetectConfig(Config):
         0.5, description="a community member is flagged if its own z exceeds this, or two kinds of link tie it"
     )
     min_campaign_accounts: int = Field(3, ge=2, description="smallest community reported as a campaign")
+    split_resolution: float = Field(1.0, gt=0, description="Louvain resolution for splitting merged communities")
+    split_max_bridge: float = Field(
+        0.25, ge=0, le=1, description="a part of a community stays with another if more than this share of its "
+        "accounts also link into that one (0 = never split)"
+    )  # fmt: skip
     min_share: float = Field(0.05, ge=0, le=1, description="an artifact links an account only above this traffic share")
     max_df_frac: float = Field(0.2, gt=0, le=1, description="artifacts shared by more than this share of accounts drop")
     template_repeat: float = Field(
@@ -735,10 +740,15 @@ def _campaigns(cfg: DetectConfig, n: int, z: np.ndarray, links: dict) -> Campaig
     for name, (acct, key) in links.items():
         if len(acct) == 0:
             continue
-        enc = key.dictionary_encode()  # hashing, not sorting: 10x faster than np.unique on a million strings
-        uniq = enc.dictionary.to_pylist()
+        # Hashing, then sorting only the distinct keys: 10x faster than np.unique on a million strings. Sorted, so
+        # artifacts are numbered the same whatever order DuckDB's threads returned the rows in.
+        enc = key.dictionary_encode()
+        order = pc.sort_indices(enc.dictionary).to_numpy()
+        rank = np.empty(len(order), np.int64)
+        rank[order] = np.arange(len(order))
+        uniq = enc.dictionary.take(order).to_pylist()
         rows.append(acct.astype(np.int64))
-        cols.append(enc.indices.to_numpy().astype(np.int64) + len(names))
+        cols.append(rank[enc.indices.to_numpy()] + len(names))
         names += [f"{name}:{u}" for u in uniq]
         sig_of += [name] * len(uniq)
     if not names:
@@ -787,7 +797,15 @@ def _campaigns(cfg: DetectConfig, n: int, z: np.ndarray, links: dict) -> Campaig
     me = me.tocoo()
     adj = sparse.coo_matrix((np.ones(me.nnz), (me.row, n + me.col)), shape=(n + k, n + k))
     n_comp, comp = connected_components(adj, directed=False)
-    comp = comp[:n]
+    comp = comp[:n].copy()
+    me = me.tocsr()
+    members = np.flatnonzero(eligible)
+    sizes = np.bincount(comp[members], minlength=n_comp)
+    for cid in np.flatnonzero(sizes >= 2 * cfg.min_campaign_accounts):  # campaigns merged through a few accounts
+        mem = members[comp[members] == cid]
+        part = split_community(me[mem], cfg.split_resolution, cfg.split_max_bridge)
+        comp[mem] = np.where(part == 0, cid, n_comp + part - 1)
+        n_comp += int(part.max())
     flagged = eligible.copy()
     label = np.full(n, -1)
     campaigns = []
@@ -818,6 +836,58 @@ def _campaigns(cfg: DetectConfig, n: int, z: np.ndarray, links: dict) -> Campaig
         ]  # fmt: skip
         cmp["q"] = float(q[arts].min()) if len(arts) else 1.0
     return Campaigns(label, flagged, q_acc, evidence, campaigns, int(len(tested)), int(sig.sum()))
+
+
+def split_community(m: sparse.csr_matrix, resolution: float, max_bridge: float) -> np.ndarray:
+    """Split one connected community (m: its accounts x artifacts) where only a few accounts join its parts; returns a
+    part number per account (0 = the part of the first account; all 0 when nothing splits).
+
+    Campaigns that borrow the same camouflage (a popular ordinary phrasing, acted on in one 10-minute bucket) share an
+    artifact through a handful of accounts, and connected components then merge them. Louvain (Blondel et al. 2008,
+    networkx) on the account-artifact graph separates such parts. Each account's edges weigh 1 in total, so a
+    campaign counts by its accounts, not by how many artifacts each has (one wave campaign makes hundreds of
+    synchrony cells); accounts with the same artifacts are one node (a proxy network's thousands of accounts often
+    are); each account then goes to the part holding most of its artifacts. A part stays with another when more than
+    `max_bridge` of its accounts also link into that one: a campaign's own artifacts (templates, cards, access paths)
+    share most of their accounts."""
+    import networkx as nx
+
+    m = m[:, np.flatnonzero(m.getnnz(0))].tocsr()
+    n_acc, k = m.shape
+    if k < 2 or max_bridge <= 0:
+        return np.zeros(n_acc, np.int64)
+    groups: dict[tuple, int] = {}
+    group = np.array([groups.setdefault(tuple(m.indices[m.indptr[i] : m.indptr[i + 1]]), len(groups))
+                      for i in range(n_acc)])  # fmt: skip
+    size = np.bincount(group)
+    g = nx.Graph()
+    g.add_nodes_from(range(k + len(groups)))
+    for arts, gi in groups.items():
+        g.add_weighted_edges_from((k + gi, a, size[gi] / len(arts)) for a in arts)
+    parts = nx.community.louvain_communities(g, weight="weight", resolution=resolution, seed=0)
+    part_of = np.empty(k + len(groups), np.int64)
+    for i, p in enumerate(parts):
+        part_of[list(p)] = i
+    # Each account goes to the part most of its artifacts are in (Louvain may place a bridging account with the one
+    # camouflage artifact it shares rather than with its own campaign's three).
+    links = (m @ sparse.csr_matrix((np.ones(k), (np.arange(k), part_of[:k])), shape=(k, len(parts)))).toarray()
+    home = links.argmax(1)  # (accounts,)
+    touch = links > 0
+    both = (touch.T.astype(np.int64) @ touch).astype(np.float64)  # (parts, parts): accounts linking into both
+    # Each part joins the one part it shares most of its accounts with, if that is more than `max_bridge` of them
+    # (one edge per part: a handful of accounts acting on shared camouflage cannot chain campaigns together).
+    n_part = np.maximum(np.bincount(home, minlength=len(parts)), 1)
+    np.fill_diagonal(both, 0)
+    share = both / n_part[:, None]
+    best = share.argmax(1)
+    join = np.flatnonzero(share[np.arange(len(parts)), best] > max_bridge)
+    edges = sparse.csr_matrix((np.ones(len(join)), (join, best[join])), shape=(len(parts), len(parts)))
+    _, root = connected_components(edges, directed=False)
+    # Renumber in order of first account, so an unsplit community keeps part 0.
+    _, first, label = np.unique(root[home], return_index=True, return_inverse=True)
+    rank = np.empty(len(first), np.int64)
+    rank[np.argsort(first)] = np.arange(len(first))
+    return rank[label]
 
 
 def _write(cfg, out: Path, ids, n_req, features, z, p_acct, camp: Campaigns, first_last, info, skipped, notes, con):
