@@ -838,6 +838,9 @@ def _campaigns(cfg: DetectConfig, n: int, z: np.ndarray, links: dict) -> Campaig
     return Campaigns(label, flagged, q_acc, evidence, campaigns, int(len(tested)), int(sig.sum()))
 
 
+SPLIT_LINKS = 16
+
+
 def split_community(m: sparse.csr_matrix, resolution: float, max_bridge: float) -> np.ndarray:
     """Split one connected community (m: its accounts x artifacts) where only a few accounts join its parts; returns a
     part number per account (0 = the part of the first account; all 0 when nothing splits).
@@ -860,17 +863,22 @@ def split_community(m: sparse.csr_matrix, resolution: float, max_bridge: float) 
     group = np.array([groups.setdefault(tuple(m.indices[m.indptr[i] : m.indptr[i + 1]]), len(groups))
                       for i in range(n_acc)])  # fmt: skip
     size = np.bincount(group)
+    df = m.getnnz(0)
     g = nx.Graph()
-    g.add_nodes_from(range(k + len(groups)))
     for arts, gi in groups.items():
-        g.add_weighted_edges_from((k + gi, a, size[gi] / len(arts)) for a in arts)
+        # Louvain sees an account's SPLIT_LINKS most shared artifacts (a wave campaign's account acts in thousands of
+        # synchrony cells, and Louvain in Python is linear in edges); the parts are then judged on every link.
+        top = sorted(arts, key=lambda a: -df[a])[:SPLIT_LINKS]
+        g.add_weighted_edges_from((k + gi, a, size[gi] / len(top)) for a in top)
     parts = nx.community.louvain_communities(g, weight="weight", resolution=resolution, seed=0)
-    part_of = np.empty(k + len(groups), np.int64)
+    part_of = np.full(k + len(groups), -1)
     for i, p in enumerate(parts):
         part_of[list(p)] = i
     # Each account goes to the part most of its artifacts are in (Louvain may place a bridging account with the one
-    # camouflage artifact it shares rather than with its own campaign's three).
-    links = (m @ sparse.csr_matrix((np.ones(k), (np.arange(k), part_of[:k])), shape=(k, len(parts)))).toarray()
+    # camouflage artifact it shares rather than with its own campaign's three); artifacts Louvain did not see abstain.
+    seen = np.flatnonzero(part_of[:k] >= 0)
+    vote = sparse.csr_matrix((np.ones(len(seen)), (seen, part_of[seen])), shape=(k, len(parts)))
+    links = (m @ vote).toarray()
     home = links.argmax(1)  # (accounts,)
     touch = links > 0
     both = (touch.T.astype(np.int64) @ touch).astype(np.float64)  # (parts, parts): accounts linking into both
