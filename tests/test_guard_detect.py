@@ -189,3 +189,13 @@ def test_split_keeps_one_campaign_whole():
     rng = np.random.default_rng(0)
     rows = [sorted({*rng.choice(5, 2, replace=False).tolist(), 5 + i // 3}) for i in range(40)]
     assert set(detect.split_community(_community(rows), resolution=1.0, max_bridge=0.25)) == {0}
+
+
+def test_campaign_settings_apply_and_bad_ones_are_named():
+    books = simulate.playbooks(["low_slow.accounts=25000", "hydra.mix=0.7", "agentic.templates=agent,code,cot"])
+    assert books["low_slow"].accounts == 25000 and books["hydra"].mix == 0.7
+    assert books["agentic"].templates == ["agent", "code", "cot"] and simulate.PLAYBOOKS["hydra"].mix == 0.5
+    for bad, named in [("low_slow.acounts=5", "FIELD one of"), ("hydra.mix=lots", "not a float"),
+                       ("hydra.schedule=burst", "waves, steady"), ("nope.rate=3", "NAME one of")]:  # fmt: skip
+        with pytest.raises(ValueError, match=named):
+            simulate.SimulateConfig(campaign=[bad])

@@ -23,15 +23,15 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args, get_type_hints
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ..config import Config
 
@@ -56,6 +56,17 @@ class SimulateConfig(Config):
     benign_mix: float = Field(0.0, ge=0, le=0.9, description="evasion: extra share of ordinary traffic mixed in")
     rotation: float = Field(0.0, ge=0, le=1, description="evasion: share of campaign accounts with their own IP/card")
     prompt_text: bool = Field(True, description="write prompt text; False writes only prompt_hash (text withheld)")
+    campaign: list[str] = Field(
+        default_factory=list,
+        description="per-campaign settings NAME.FIELD=VALUE, e.g. low_slow.accounts=25000 or hydra.mix=0.7 (fields of "
+        "Playbook; lists comma-separated)",
+    )
+
+    @field_validator("campaign")
+    @classmethod
+    def _known_settings(cls, v: list[str]) -> list[str]:
+        playbooks(v)  # raises, naming the bad setting
+        return v
 
 
 @dataclass
@@ -106,6 +117,31 @@ PLAYBOOKS: dict[str, Playbook] = {
 }  # fmt: skip
 
 BENIGN_ACCOUNTS = 200_000  # at scale 1
+
+
+def playbooks(settings: list[str]) -> dict[str, Playbook]:
+    """PLAYBOOKS with `NAME.FIELD=VALUE` settings applied (the value cast to the field's type)."""
+    out = dict(PLAYBOOKS)
+    for item in settings:
+        key, eq, value = item.partition("=")
+        name, dot, attr = key.strip().partition(".")
+        known = [f.name for f in fields(Playbook)]
+        if not (eq and dot) or name not in PLAYBOOKS or attr not in known:
+            raise ValueError(f"campaign setting {item!r}: expected NAME.FIELD=VALUE with NAME one of "
+                             f"{', '.join(PLAYBOOKS)} and FIELD one of {', '.join(known)}")  # fmt: skip
+        kind = type(getattr(PLAYBOOKS[name], attr))
+        if attr == "templates" and not set(value.split(",")) <= set(TEMPLATES):
+            raise ValueError(f"campaign setting {item!r}: templates are among {', '.join(TEMPLATES)}")
+        try:
+            cast = [x.strip() for x in value.split(",")] if kind is list else kind(value.strip())
+        except ValueError as e:
+            raise ValueError(f"campaign setting {item!r}: {value!r} is not a {kind.__name__}") from e
+        allowed = get_args(get_type_hints(Playbook)[attr]) if attr in ("schedule", "ip_pool") else ()
+        if allowed and cast not in allowed:
+            raise ValueError(f"campaign setting {item!r}: {attr} is one of {', '.join(allowed)}")
+        out[name] = replace(out[name], **{attr: cast})
+    return out
+
 
 # Template families: each slot {a|b|c} is a paraphrase choice; `paraphrase` draws more combinations plus filler words.
 TEMPLATES: dict[str, list[str]] = {
@@ -425,7 +461,7 @@ def campaign(rng, name, pb, n_accounts, cfg, pieces, first_acct, benign_sampler)
     return ev
 
 
-def build_pieces(rng, cfg) -> Pieces:
+def build_pieces(rng, cfg, books: dict[str, Playbook]) -> Pieces:
     """All prompt fragments: benign openers/subjects/tails, pipeline tasks, campaign template paraphrases, payloads."""
     from ..tasks import SKILLS
 
@@ -457,7 +493,7 @@ def build_pieces(rng, cfg) -> Pieces:
     # Paraphrase knob: how many distinct wordings each template gets, and how many filler words they carry.
     n_var = 1 + int(round(cfg.paraphrase * 400))
     p.templates = {}
-    for name, pb in PLAYBOOKS.items():
+    for name, pb in books.items():
         p.templates[name] = [
             p.add([expand(tpl, rng, int(rng.poisson(cfg.paraphrase * 6))) + " " for _ in range(n_var)])
             for fam in pb.templates
@@ -490,7 +526,8 @@ def run(cfg: SimulateConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(cfg.seed)
-    pieces = build_pieces(rng, cfg)
+    books = playbooks(cfg.campaign)
+    pieces = build_pieces(rng, cfg, books)
     n_benign = max(50, int(round(BENIGN_ACCOUNTS * cfg.scale)))
     ev_b, info = benign(rng, n_benign, cfg, pieces, pieces.topic_ids, 0)
     labels = ["benign"] * n_benign
@@ -515,7 +552,7 @@ def run(cfg: SimulateConfig) -> dict:
 
     first = n_benign
     for name in cfg.campaigns:
-        pb = PLAYBOOKS[name]
+        pb = books[name]
         n_acc = max(pb.min_accounts, int(round(pb.accounts * cfg.scale)))
         parts.append(campaign(rng, name, pb, n_acc, cfg, pieces, first, benign_sampler))
         labels += [name] * n_acc
@@ -524,7 +561,7 @@ def run(cfg: SimulateConfig) -> dict:
         first += n_acc
     ev = _concat(parts)
     n_acc_total = first
-    acct_attr = _accounts(rng, cfg, n_benign, info, labels)
+    acct_attr = _accounts(rng, cfg, n_benign, info, labels, books)
 
     order = np.argsort(ev.t, kind="stable")
     for f in Events.__dataclass_fields__:
@@ -578,7 +615,7 @@ def _ids(rng, n_acc) -> dict[str, list[str]]:
     return {"account": [f"acct_{x:010x}" for x in acc]}
 
 
-def _accounts(rng, cfg, n_benign, info, labels) -> dict[str, np.ndarray | list]:
+def _accounts(rng, cfg, n_benign, info, labels, books: dict[str, Playbook]) -> dict[str, np.ndarray | list]:
     """Per-account infrastructure: payment fingerprint, IP prefix pool, user agent, system prompt, keys, params."""
     n = len(labels)
     lab = np.array(labels)
@@ -623,7 +660,7 @@ def _accounts(rng, cfg, n_benign, info, labels) -> dict[str, np.ndarray | list]:
     logp = rng.random(n) < np.where(rng.random(n) < 0.03, 0.8, 0.0)
     # Campaign infrastructure.
     next_dc = base_dc
-    for c_no, (name, pb) in enumerate(PLAYBOOKS.items()):
+    for c_no, (name, pb) in enumerate(books.items()):
         idx = np.flatnonzero(lab == name)
         if not len(idx):
             continue
