@@ -33,6 +33,9 @@ def test_end_to_end_meets_targets(sim, tmp_path):
     assert all(0 <= p <= 1 for p in acc["p_value"]) and all(0 <= q <= 1 for q in acc["q_value"])
     assert all(e for e, f in zip(acc["evidence"], acc["flagged"], strict=True) if f)
     assert "# Distillation campaigns" in (tmp_path / "report.md").read_text()
+    html = (tmp_path / "report.html").read_text()
+    assert html.startswith("<!doctype html>") and all(f'id="{c["id"]}"' in html for c in campaigns)
+    assert "<script" not in html and "src=" not in html  # self-contained, nothing fetched
 
 
 def test_missing_required_field_is_named(tmp_path):

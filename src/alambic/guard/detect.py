@@ -947,9 +947,10 @@ def _write(cfg, out: Path, ids, n_req, features, z, p_acct, camp: Campaigns, fir
         "malformed": info["malformed"],
         "malformed_examples": info["examples"],
         "fields_present": info["present"],
-        "outputs": {k: str(out / k) for k in ("accounts.parquet", "campaigns.json", "report.md")},
+        "outputs": {k: str(out / k) for k in ("accounts.parquet", "campaigns.json", "report.md", "report.html")},
     }
     (out / "report.md").write_text(_report(summary, campaigns))
+    (out / "report.html").write_text(_report_html(summary, campaigns))
     return summary
 
 
@@ -988,6 +989,63 @@ def _report(s: dict, campaigns: list[dict]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+# One self-contained page (no scripts, no external files) beside report.md: what an analyst opens first.
+REPORT_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Distillation campaigns: {{ s.flagged_accounts }} accounts</title>
+<style>
+body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 75em; color: #222; }
+table { border-collapse: collapse; margin: .5em 0 1.5em; } td, th { border: 1px solid #ccc; padding: .25em .6em; }
+th { background: #f3f3f3; text-align: left; } td.n { text-align: right; font-variant-numeric: tabular-nums; }
+details { margin: .4em 0; } summary { cursor: pointer; font-weight: 600; } code { font-size: 90%; }
+</style></head><body>
+<h1>Distillation campaigns found in API traffic</h1>
+<p>{{ "{:,}".format(s.events) }} events from {{ "{:,}".format(s.accounts) }} accounts;
+<b>{{ "{:,}".format(s.flagged_accounts) }}</b> accounts flagged in <b>{{ s.campaigns }}</b> campaign(s)
+({{ "{:,}".format(s.artifacts_significant) }} of {{ "{:,}".format(s.artifacts_tested) }} shared artifacts significant
+at the configured FDR).</p>
+<h2>Campaigns</h2>
+<table><tr><th>id</th><th>accounts</th><th>exchanges</th><th>q</th><th>first seen</th><th>last seen</th>
+<th>mean account z</th></tr>
+{% for c in campaigns %}<tr><td><a href="#{{ c.id }}">{{ c.id }}</a></td>
+<td class="n">{{ "{:,}".format(c.accounts) }}</td><td class="n">{{ "{:,}".format(c.exchanges) }}</td>
+<td class="n">{{ "%.2g" % c.q_value }}</td><td>{{ c.first_seen }}</td><td>{{ c.last_seen }}</td>
+<td class="n">{{ c.mean_account_z }}</td></tr>
+{% endfor %}</table>
+{% for c in campaigns %}<details id="{{ c.id }}"{% if loop.first %} open{% endif %}><summary>{{ c.id }}:
+{{ "{:,}".format(c.accounts) }} accounts, {{ c.n_artifacts }} significant artifact(s)</summary>
+<table><tr><th>signal</th><th>artifact</th><th>accounts</th><th>mean z</th><th>Stouffer Z</th><th>q</th></tr>
+{% for e in c.evidence %}<tr><td>{{ e.signal }}</td><td><code>{{ e.artifact }}</code></td>
+<td class="n">{{ e.accounts }}</td><td class="n">{{ e.mean_z }}</td><td class="n">{{ e.stouffer_z }}</td>
+<td class="n">{{ "%.2g" % e.q }}</td></tr>
+{% endfor %}</table>
+<table><tr><th>feature</th><th>campaign mean</th><th>population median</th></tr>
+{% for k, v in c.features_mean.items() %}<tr><td>{{ k }}</td><td class="n">{{ v }}</td>
+<td class="n">{{ c.features_population_median[k] }}</td></tr>
+{% endfor %}</table>
+<p>Members (first 50): {% for m in c.members[:50] %}<code>{{ m }}</code> {% endfor %}</p></details>
+{% endfor %}
+<h2>Signals</h2>
+<p>Used: {{ s.signals_used | join(", ") }}.</p>
+{% if s.signals_skipped %}<p>Skipped (the log lacks the fields they need):</p><ul>
+{% for k, v in s.signals_skipped.items() %}<li><code>{{ k }}</code>: {{ v }}</li>{% endfor %}</ul>{% endif %}
+{% if s.notes %}<ul>{% for k, v in s.notes.items() %}<li>{{ k }}: {{ v }}</li>{% endfor %}</ul>{% endif %}
+{% if s.malformed %}<h2>Malformed input (skipped)</h2><ul>
+{% for k, v in s.malformed.items() %}<li>{{ k }}: {{ "{:,}".format(v) }} line(s)</li>{% endfor %}
+{% for e in s.malformed_examples %}<li>e.g. {{ e.file }}:{{ e.line }}: <code>{{ e.text[:80] }}</code></li>{% endfor %}
+</ul>{% endif %}
+<p>Geography is never a signal. p-values: account z from an empirical null over the bulk of accounts; artifacts by
+one-sided Stouffer over their accounts; Benjamini-Hochberg across tested artifacts.</p>
+</body></html>
+"""
+
+
+def _report_html(s: dict, campaigns: list[dict]) -> str:
+    import jinja2
+
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+    return env.from_string(REPORT_HTML).render(s=s, campaigns=campaigns)
 
 
 __all__ = ["SIGNALS", "DetectConfig", "LogError", "Signal", "bh", "load", "robust_z", "run"]
