@@ -327,10 +327,12 @@ def _head_keys(con: duckdb.DuckDBPyConnection) -> pa.Table:
     million heads hold ~100k), and the minimum over a head's shingles is one numpy pass per hash."""
     heads = con.sql("SELECT head, string_split(head, ' ') AS w FROM (SELECT DISTINCT head FROM ev "
                     "WHERE head IS NOT NULL)").to_arrow_table()  # fmt: skip
-    words = heads["w"].combine_chunks()
-    parent = np.repeat(np.arange(len(words)), np.diff(words.offsets.to_numpy()))  # (tokens,): by head, in word order
+    words, heads = heads["w"].combine_chunks(), heads.select(["head"])
+    # int32 where it fits: at 16M events the token arrays are the largest thing outside DuckDB.
+    parent = np.repeat(np.arange(len(words), dtype=np.int32), np.diff(words.offsets.to_numpy()))  # by head
     enc = pc.list_flatten(words).dictionary_encode()
-    tok, vocab = enc.indices.to_numpy().astype(np.int64), enc.dictionary
+    tok, vocab = enc.indices.to_numpy(), enc.dictionary  # int32
+    del words, enc
     # Masking a head (digits -> 0, a capitalised word after a space -> N, lower case) is masking each word, the first
     # without a space before it; masked forms are numbered so that "Alice" and "Bob" become one word.
     con.register("vocab", pa.table({"w": vocab}))
@@ -339,13 +341,14 @@ def _head_keys(con: duckdb.DuckDBPyConnection) -> pa.Table:
     con.unregister("vocab")
     first = np.r_[True, parent[1:] != parent[:-1]]
     forms = pa.chunked_array(masked["m0"].chunks + masked["m1"].chunks).combine_chunks().dictionary_encode()
-    mw = forms.indices.to_numpy().astype(np.int64)[tok + np.where(first, 0, len(vocab))]
+    mw = forms.indices.to_numpy()[tok + np.where(first, 0, len(vocab)).astype(np.int32)]
+    del tok
     # Shingles: consecutive masked words of one head (a one-word head is its own shingle, as (word, none)).
     v = len(forms.dictionary) + 1
     nxt = np.r_[parent[1:] == parent[:-1], False]
     single = first & ~nxt
     keep = nxt | single
-    code = mw[keep] * v + np.where(nxt, np.r_[mw[1:], 0], v - 1)[keep]
+    code = mw[keep].astype(np.int64) * v + np.where(nxt, np.r_[mw[1:], 0], v - 1)[keep]
     owner = parent[keep]
     enc = pa.array(code).dictionary_encode()  # hashing, not sorting: np.unique took 2 s per million heads
     inv = enc.indices.to_numpy()
