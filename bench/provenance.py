@@ -5,12 +5,15 @@
 2. Training data: the same train prompts collected by `alambic collect` from both servers (greedy, top-5 logprobs,
    as the demo collects); mixtures with 100%, 50%, 10% and 0% (the clean control) of the answers watermarked.
 3. A tiny student is distilled on each mixture (`alambic train`, `--loss` below).
-4. `guard provenance` on each student: p-value and tokens scored; on the control, >= 100 random keys (KS test, FPR).
+4. `guard provenance` on each student, prompted with held-out prompts of `--skills` (default naming, the skill where
+   the teacher has choices for the watermark to steer, as the demo tests): p-value and tokens scored; on each,
+   >= 100 random keys (KS test, FPR).
 5. Speed: tokens scored per second (cached green lists vs recomputing them for every pair, side by side) and the
    wall time of the smallest provenance run that reaches p < 1e-6 on the 100% student.
 
-    python bench/provenance.py            # full (~30 min on 2 busy cores)
-    python bench/provenance.py --quick    # fewer prompts and steps (a few minutes); figures are weaker
+    python bench/provenance.py                          # full (~75 min on 2 busy cores)
+    python bench/provenance.py --quick                  # fewer prompts and steps; figures are weaker
+    python bench/provenance.py --teacher DIR --name provenance   # another teacher (e.g. a new demo teacher)
 
 Stages write to --root (default runs/bench-provenance) and are reused on a re-run (delete it to start over).
 Prints one JSON line {"bench": "provenance", ...} and writes bench/results/provenance.json.
@@ -89,11 +92,11 @@ def student(root: Path, teacher: str, data: Path, loss: str, steps: int) -> Path
     return out
 
 
-def provenance(root: Path, teacher: str, model: Path, key_file: Path, n: int, samples: int,
+def provenance(root: Path, teacher: str, model: Path, key_file: Path, n: int, samples: int, skills: list[str],
                data: list[str] | None = None, null_keys: int = 100, tag: str = "", temperature: float = 1.0,
                max_tokens: int = 200) -> dict:
     out = root / "provenance" / f"{model.name}{tag}-t{temperature}"
-    cfg = P.ProvenanceConfig(suspect=str(model), key_file=str(key_file), tokenizer=teacher, n=n,
+    cfg = P.ProvenanceConfig(suspect=str(model), key_file=str(key_file), tokenizer=teacher, task=skills, n=n,
                              samples=samples, temperature=temperature, max_tokens=max_tokens,
                              null_keys=null_keys, threads=1, data=data or [], out=str(out))
     return P.run(cfg)
@@ -116,14 +119,14 @@ def scoring_speed(teacher: str, key_file: Path, files: list[str]) -> dict:
 
 
 def time_to_detect(root: Path, teacher: str, model: Path, key_file: Path, sizes: list[int], samples: int,
-                   temperature: float, max_tokens: int) -> dict:
+                   skills: list[str], temperature: float, max_tokens: int) -> dict:
     """The smallest of `sizes` (prompts per skill) whose cold provenance run (generation + scoring, null check off)
     gives p < 1e-6, and its wall time."""
     tried = []
     for n in sizes:
         shutil.rmtree(root / "provenance" / f"{model.name}-ttd{n}-t{temperature}", ignore_errors=True)
         t0 = time.time()
-        r = provenance(root, teacher, model, key_file, n, samples, null_keys=0, tag=f"-ttd{n}",
+        r = provenance(root, teacher, model, key_file, n, samples, skills, null_keys=0, tag=f"-ttd{n}",
                        temperature=temperature, max_tokens=max_tokens)
         tried.append({"n_per_skill": n, "p_value": r["p_value"], "tokens_scored": r["tokens_scored"],
                       "wall_s": round(time.time() - t0, 1)})
@@ -140,21 +143,29 @@ def main() -> None:
     ap.add_argument("--collect-temperature", type=float, default=0.0, help="teacher sampling temperature (0: greedy, "
                     "as the demo collects)")
     ap.add_argument("--steps", type=int, default=None, help="student optimiser steps (default: 500, quick 100)")
+    ap.add_argument("--train-prompts", type=int, default=None, help="training prompts per skill (default: 400, quick "
+                    "100)")
+    ap.add_argument("--provenance-prompts", type=int, default=None, help="provenance prompts per skill (default: "
+                    "100, quick 20)")
     ap.add_argument("--max-tokens", type=int, default=200, help="max tokens per teacher answer and suspect completion")
     ap.add_argument("--loss", default="forward_kl", help="student loss: forward_kl (top-5 logprobs) or sft")
     ap.add_argument("--context-width", type=int, default=W.DEFAULT_CONTEXT_WIDTH)
     ap.add_argument("--gamma", type=float, default=W.DEFAULT_GAMMA)
     ap.add_argument("--delta", type=float, default=W.DEFAULT_DELTA)
     ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the suspect students")
+    ap.add_argument("--skills", nargs="+", default=["naming"], help="skills whose held-out prompts the suspects are "
+                    "tested on (default naming: the one where the teacher has choices to mark, as in the demo)")
+    ap.add_argument("--name", default=None, help="results name (bench/results/NAME.json; default provenance for "
+                    "the demo teacher, provenance_DIR for another)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     n_eval, n_train, steps, n_prov, samples = (20, 100, 100, 20, 2) if args.quick else (100, 400, 500, 100, 2)
-    steps = args.steps or steps
+    steps, n_train, n_prov = args.steps or steps, args.train_prompts or n_train, args.provenance_prompts or n_prov
     teacher = args.teacher
     params = W.WatermarkParams(args.context_width, args.gamma, args.delta)
     prefix = "" if teacher == str(DEMO_TEACHER) else Path(teacher).name + "-"
-    root = Path(args.root) / (f"{prefix}k{params.context_width}-g{params.gamma}-d{params.delta}"
-                              + ("-quick" if args.quick else ""))
+    root = Path(args.root) / (f"{prefix}k{params.context_width}-g{params.gamma}-d{params.delta}-n{n_train}-s{steps}"
+                              + ("-quick" if args.quick else ""))  # students are reused: a new size, a new folder
     root.mkdir(parents=True, exist_ok=True)
     key_file = root / "watermark.key"
     if not key_file.exists():
@@ -170,9 +181,10 @@ def main() -> None:
         models[f] = student(root, teacher, mixture(root, wm_teacher["interactions"], clean_teacher["interactions"], f),
                             args.loss, steps)
     for f in FRACTIONS:
-        r = provenance(root, teacher, models[f], key_file, n_prov, samples, temperature=args.temperature,
+        r = provenance(root, teacher, models[f], key_file, n_prov, samples, args.skills, temperature=args.temperature,
                        max_tokens=args.max_tokens)
-        rf = provenance(root, teacher, models[f], key_file, n_prov, samples, data=[wm_teacher["interactions"]],
+        rf = provenance(root, teacher, models[f], key_file, n_prov, samples, args.skills,
+                        data=[wm_teacher["interactions"]],
                         null_keys=0, tag="-filtered", temperature=args.temperature, max_tokens=args.max_tokens)
         curve.append({"watermarked_fraction": f, "p_value": r["p_value"], "z": r["z"],
                       "tokens_scored": r["tokens_scored"], "green_fraction": r["green_fraction"],
@@ -184,11 +196,12 @@ def main() -> None:
             null = r["null_check"]
     speed = scoring_speed(teacher, key_file, [wm_teacher["interactions"], clean_teacher["interactions"]])
     ttd = time_to_detect(root, teacher, models[1.0], key_file, [5, 20] if args.quick else [10, 30, 100], samples,
-                         args.temperature, args.max_tokens)
+                         args.skills, args.temperature, args.max_tokens)
     line = {
         "bench": "provenance", "quick": args.quick, "teacher": teacher,
         "collect_temperature": args.collect_temperature, "loss": args.loss, "student_steps": steps,
-        "train_prompts": 5 * n_train, "provenance_prompts": 5 * n_prov, "samples_per_prompt": samples,
+        "train_prompts": len(tasks.SKILLS) * n_train, "provenance_skills": args.skills,
+        "provenance_prompts": len(args.skills) * n_prov, "samples_per_prompt": samples,
         "suspect_temperature": args.temperature,
         "context_width": params.context_width, "gamma": params.gamma, "delta": params.delta,
         "teacher_accuracy_clean": round(clean_teacher["heldout_accuracy"]["mean"], 4),
@@ -198,7 +211,7 @@ def main() -> None:
         "curve": curve, "control_null_check": null, **speed, "time_to_p_1e-6": ttd,
         "wall_s": round(time.time() - t_start, 1),
     }
-    publish("provenance" if teacher == str(DEMO_TEACHER) else f"provenance_{Path(teacher).name}", line)
+    publish(args.name or ("provenance" if teacher == str(DEMO_TEACHER) else f"provenance_{Path(teacher).name}"), line)
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ class DemoConfig(Config):
                             "control student from the unwatermarked teacher, and test both with guard provenance")
     n_control: int = Field(200, gt=0, description="training prompts per provenance skill the control student learns "
                            "from")
-    control_steps: int = Field(100, gt=0, description="optimiser steps of the control student")
+    control_steps: int = Field(60, gt=0, description="optimiser steps of the control student")
     provenance_skills: list[str] = Field(["naming"], description="skills whose held-out prompts the students are "
                                          "tested on (naming: where the teacher has a choice to mark)")
     provenance_n: int = Field(100, gt=0, description="provenance prompts per skill, 2 samples each")
