@@ -202,7 +202,8 @@ def _demo(cfg):
         return _demo_smollm2(Smollm2Config(out=cfg.out if cfg.out != "runs/demo" else "runs/smollm2", seed=cfg.seed))
     with collect_progress() as progress:
         result = run(cfg, log=lambda msg: console.print(msg), progress=progress)
-    print_accuracy(f"demo teacher answering over HTTP ({result['teacher_url']})", result["teacher_accuracy"])
+    marked = ", watermarked" if result.get("teacher_watermark") else ""
+    print_accuracy(f"demo teacher answering over HTTP ({result['teacher_url']}{marked})", result["teacher_accuracy"])
     if result["collect"]:
         print_collect(result["collect"])
     if result["guard"]:
@@ -216,6 +217,11 @@ def _demo(cfg):
         import json
 
         print_evaluation(json.loads((Path(cfg.out) / "evaluate" / "evaluation.json").read_text()))
+    if result.get("provenance"):
+        pv = result["provenance"]
+        out.print("watermark provenance (p < 1e-6 is strong evidence of training on the marked outputs): "
+                  + "; ".join(f"{name} p = {pv[name]['p_value']:.2g} over {pv[name]['tokens_scored']} pairs"
+                              for name in ("student", "control")))
     if result.get("report"):
         out.print(f"report: {result['report']}")
     stages = ", ".join(f"{k} {v:.0f}s" for k, v in result["stages"].items())
@@ -230,6 +236,11 @@ def _demo_smollm2(cfg):
     with collect_progress() as progress:
         result = run(cfg, log=lambda msg: console.print(msg), progress=progress)
     print_evaluation(json.loads((Path(cfg.out) / "evaluate" / "evaluation.json").read_text()))
+    if result.get("provenance"):
+        pv = result["provenance"]
+        out.print("watermark provenance (p < 1e-6 is strong evidence of training on the marked outputs): "
+                  + "; ".join(f"{name} p = {pv[name]['p_value']:.2g} over {pv[name]['tokens_scored']} pairs"
+                              for name in ("student", "control")))
     if result.get("report"):
         out.print(f"report: {result['report']}")
     stages = ", ".join(f"{k} {v:.0f}s" for k, v in result["stages"].items())

@@ -60,6 +60,10 @@ class DemoConfig(Config):
     provenance_skills: list[str] = Field(["naming"], description="skills whose held-out prompts the students are "
                                          "tested on (naming: where the teacher has a choice to mark)")
     provenance_n: int = Field(100, gt=0, description="provenance prompts per skill, 2 samples each")
+    provenance_temperature: float = Field(
+        0.3, ge=0, description="sampling temperature of the students' provenance answers: a small student learns "
+                               "the teacher's marked preferences only weakly, and a cooler sample shows them "
+                               "(at 1.0 its near-uniform letters hid them in our runs)")
     report: bool = Field(True, description="write the HTML/Markdown report")
 
 
@@ -262,13 +266,14 @@ def provenance(cfg: DemoConfig, out: Path, key_file: Path, log: Callable[[str], 
     t = time.time()
     key, params = W.load_key(key_file)
     result: dict = {"key": W.fingerprint(key), **asdict(params), "skills": cfg.provenance_skills,
-                    "control_records": control["records"], "control_steps": cfg.control_steps}
+                    "temperature": cfg.provenance_temperature, "control_records": control["records"],
+                    "control_steps": cfg.control_steps}
     for name, model in (("student", out / "student"), ("control", out / "control" / "student")):
         log(f"guard provenance: is the {name} marked with the teacher's watermark?")
         r = P.run(P.ProvenanceConfig(
             suspect=str(model), key_file=str(key_file), tokenizer=cfg.teacher, task=cfg.provenance_skills,
-            n=cfg.provenance_n, samples=2, temperature=1.0, max_tokens=cfg.max_tokens, seed=cfg.seed,
-            concurrency=cfg.concurrency, out=str(out / "provenance" / name)))
+            n=cfg.provenance_n, samples=2, temperature=cfg.provenance_temperature, max_tokens=cfg.max_tokens,
+            seed=cfg.seed, concurrency=cfg.concurrency, out=str(out / "provenance" / name)))
         result[name] = {k: r[k] for k in ("p_value", "z", "tokens_scored", "green_fraction", "null_check")}
         log(f"{name}: p = {r['p_value']:.3g} over {r['tokens_scored']} (context, token) pairs; true key ranks "
             f"{r['null_check']['true_key_rank']} of {r['null_check']['keys'] + 1}")
