@@ -29,8 +29,9 @@ def test_model_against_itself_agrees_fully(tmp_path):
     assert r["ratios"]["parameters"] == 1.0 and r["ratios"]["accuracy_kept"] == 1.0
     assert r["student"]["speed"]["tokens_per_s"] > 0 and r["student"]["speed"]["latency_p50_s"] > 0
     rows = [json.loads(x) for x in (tmp_path / "ev" / "replies.jsonl").read_text().splitlines()]
-    assert len(rows) == 20 and all(x["agree"] and x["teacher"] == x["student"] for x in rows)
-    assert json.loads((tmp_path / "ev" / "evaluation.json").read_text())["n"] == 20
+    n = 4 * len(tasks.SKILLS)
+    assert len(rows) == n and all(x["agree"] and x["teacher"] == x["student"] for x in rows)
+    assert json.loads((tmp_path / "ev" / "evaluation.json").read_text())["n"] == n
 
 
 def test_endpoint_teacher_local_student(tiny_server, tiny_model_dir, tmp_path, monkeypatch):
