@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from alambic import tasks
 from alambic.guard import provenance as P
 from alambic.guard import watermark as W
 from alambic.serve import ServeConfig, serve_in_thread
@@ -32,7 +33,7 @@ def test_endpoint_serving_our_watermarked_outputs_is_caught(tiny_model_dir, key_
         r = P.run(cfg(url + "/v1", key_file, tmp_path, tokenizer=str(tiny_model_dir)))
     assert r["tokens_scored"] > 100 and r["p_value"] < 1e-8
     assert r["null_check"]["true_key_rank"] == 1 and r["null_check"]["keys"] == 100
-    assert r["generation"]["records"] == 20 and r["generation"]["errors"] == 0
+    assert r["generation"]["records"] == 4 * len(tasks.SKILLS) and r["generation"]["errors"] == 0
     assert json.loads((tmp_path / "provenance.json").read_text())["p_value"] == r["p_value"]
     assert KEY not in (tmp_path / "provenance.json").read_text() + (tmp_path / "config.json").read_text()
 
@@ -59,7 +60,7 @@ def test_student_distilled_from_watermarked_teacher_is_radioactive(tiny_model_di
     watermarked answers, `collect` gathers them, `train` distils a student from them, and provenance on the student
     (its own samples, on prompts it never saw) finds the watermark; scoring the same samples with 100 random keys
     does not."""
-    from alambic import collect, tasks
+    from alambic import collect
     from alambic.train.trainer import TrainConfig, run
 
     serve = ServeConfig(model=str(tiny_model_dir), port=0, watermark_key_file=str(key_file), threads=1)
