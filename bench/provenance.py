@@ -14,6 +14,7 @@
     python bench/provenance.py                          # full (~75 min on 2 busy cores)
     python bench/provenance.py --quick                  # fewer prompts and steps; figures are weaker
     python bench/provenance.py --teacher DIR --name provenance   # another teacher (e.g. a new demo teacher)
+    python bench/provenance.py --demo-run runs/demo             # also: time to p < 1e-6 on the demo's own student
 
 Stages write to --root (default runs/bench-provenance) and are reused on a re-run (delete it to start over).
 Prints one JSON line {"bench": "provenance", ...} and writes bench/results/provenance.json.
@@ -155,6 +156,8 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the suspect students")
     ap.add_argument("--skills", nargs="+", default=["naming"], help="skills whose held-out prompts the suspects are "
                     "tested on (default naming: the one where the teacher has choices to mark, as in the demo)")
+    ap.add_argument("--demo-run", default=None, help="an `alambic demo` run folder (e.g. runs/demo): also time the "
+                    "smallest provenance run that reaches p < 1e-6 on its student, under its key")
     ap.add_argument("--name", default=None, help="results name (bench/results/NAME.json; default provenance for "
                     "the demo teacher, provenance_DIR for another)")
     args = ap.parse_args()
@@ -197,6 +200,10 @@ def main() -> None:
     speed = scoring_speed(teacher, key_file, [wm_teacher["interactions"], clean_teacher["interactions"]])
     ttd = time_to_detect(root, teacher, models[1.0], key_file, [5, 20] if args.quick else [10, 30, 100], samples,
                          args.skills, args.temperature, args.max_tokens)
+    if args.demo_run:  # the demo's own student, under the demo's own key (`alambic demo` writes both)
+        demo = Path(args.demo_run)
+        ttd_demo = time_to_detect(root, teacher, demo / "student", demo / "watermark.key", [5, 10, 25, 100], samples,
+                                  args.skills, args.temperature, args.max_tokens)
     line = {
         "bench": "provenance", "quick": args.quick, "teacher": teacher,
         "collect_temperature": args.collect_temperature, "loss": args.loss, "student_steps": steps,
@@ -209,6 +216,7 @@ def main() -> None:
         "teacher_accuracy_by_skill": {"clean": clean_teacher["heldout_accuracy"],
                                       "watermarked": wm_teacher["heldout_accuracy"]},
         "curve": curve, "control_null_check": null, **speed, "time_to_p_1e-6": ttd,
+        **({"time_to_p_1e-6_demo_student": ttd_demo} if args.demo_run else {}),
         "wall_s": round(time.time() - t_start, 1),
     }
     publish(args.name or ("provenance" if teacher == str(DEMO_TEACHER) else f"provenance_{Path(teacher).name}"), line)
