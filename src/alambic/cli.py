@@ -236,11 +236,6 @@ def _demo_smollm2(cfg):
     with collect_progress() as progress:
         result = run(cfg, log=lambda msg: console.print(msg), progress=progress)
     print_evaluation(json.loads((Path(cfg.out) / "evaluate" / "evaluation.json").read_text()))
-    if result.get("provenance"):
-        pv = result["provenance"]
-        out.print("watermark provenance (p < 1e-6 is strong evidence of training on the marked outputs): "
-                  + "; ".join(f"{name} p = {pv[name]['p_value']:.2g} over {pv[name]['tokens_scored']} pairs"
-                              for name in ("student", "control")))
     if result.get("report"):
         out.print(f"report: {result['report']}")
     stages = ", ".join(f"{k} {v:.0f}s" for k, v in result["stages"].items())
