@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from alambic.modeling import load
-from alambic.serve import ServeConfig, create_app, key_id, load_api_keys, serve_in_thread
+from alambic.serve import ServeConfig, create_app, key_id, load_api_keys, serve_in_process, serve_in_thread
 
 HI = [{"role": "user", "content": "hi there"}]
 
@@ -391,6 +391,21 @@ def test_access_log(client, tiny_server):
     for key in tiny_server.keys.values():
         assert key not in text  # no key material, whatever the request
     assert "sk-" not in text
+
+
+def test_serve_in_process_answers_like_in_thread_and_stops_cleanly(tiny_model_dir, tmp_path):
+    # The demo serves its teacher from a child process; it must answer exactly as the in-process server does, write
+    # its access log, and be gone when the block exits.
+    cfg = ServeConfig(model=str(tiny_model_dir), port=0, access_log=str(tmp_path / "access.jsonl"))
+    ask = dict(model="tiny-test", messages=HI, max_tokens=6, temperature=0)
+    with serve_in_thread(cfg.model_copy(update={"access_log": None})) as url:
+        expected = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0).chat.completions.create(**ask)
+    with serve_in_process(cfg) as url:
+        got = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0).chat.completions.create(**ask)
+    assert got.choices[0].message.content == expected.choices[0].message.content
+    assert [json.loads(line)["status"] for line in (tmp_path / "access.jsonl").read_text().splitlines()] == [200]
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(url + "/health", timeout=2)
 
 
 # --- configuration --------------------------------------------------------------------------------------------------

@@ -77,7 +77,7 @@ def teacher_id(folder: str) -> str:
 
 
 def ask(url: str, conversations: list[list[dict]], max_tokens: int, concurrency: int, api_key: str = "") -> list[str]:
-    """Greedy answers of the server at `url` (as `serve_in_thread` gives it), through `evaluate`'s endpoint client."""
+    """Greedy answers of the server at `url` (as `serve_in_process` gives it), through `evaluate`'s endpoint client."""
     from .evaluate import Endpoint
 
     return Endpoint(url + "/v1", api_key=api_key).answer(conversations, max_tokens, concurrency)[0].replies
@@ -126,7 +126,7 @@ def _same_run(folder: Path, cfg) -> bool:
 
 def run(cfg: DemoConfig, log: Callable[[str], None] = lambda _: None,
         progress: Callable[[dict], None] | None = None) -> dict:
-    from .serve import ServeConfig, serve_in_thread
+    from .serve import ServeConfig, serve_in_process
 
     if not Path(cfg.teacher).exists():
         raise FileNotFoundError(f"demo teacher {cfg.teacher!r} not found; re-make it with `make teacher`")
@@ -151,7 +151,7 @@ def run(cfg: DemoConfig, log: Callable[[str], None] = lambda _: None,
     serve_cfg = ServeConfig(model=cfg.teacher, port=0, access_log=str(out / "access.jsonl"),
                             api_keys_file=str(keys_file), watermark_key_file=str(key_file) if key_file else None)
     t = time.time()
-    with serve_in_thread(serve_cfg) as url:
+    with serve_in_process(serve_cfg) as url:  # its own process: the collecting client keeps a core busy
         log(f"asking {len(heldout)} held-out prompts over HTTP at {url}")
         replies = ask(url, [ex.messages for ex in heldout], cfg.max_tokens, cfg.concurrency, api_key=keys[0])
         t = stage("teacher_eval_http", t)
@@ -250,13 +250,13 @@ def provenance(cfg: DemoConfig, out: Path, key_file: Path, log: Callable[[str], 
     keys) shows the p-values can be trusted."""
     from .guard import provenance as P
     from .guard import watermark as W
-    from .serve import ServeConfig, serve_in_thread
+    from .serve import ServeConfig, serve_in_process
 
     stages: dict[str, float] = {}
     t = time.time()
     log(f"collecting {cfg.n_control} {'/'.join(cfg.provenance_skills)} prompts from the unwatermarked teacher for a "
         "control student")
-    with serve_in_thread(ServeConfig(model=cfg.teacher, port=0)) as url:  # the lab's own server: no access log
+    with serve_in_process(ServeConfig(model=cfg.teacher, port=0)) as url:  # the lab's own server: no access log
         control = collect.run(collect.CollectConfig(
             base_url=url + "/v1", teacher_id=teacher_id(cfg.teacher), task=cfg.provenance_skills, n=cfg.n_control,
             max_tokens=cfg.max_tokens, top_logprobs=cfg.top_logprobs, concurrency=cfg.concurrency,

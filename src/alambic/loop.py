@@ -40,7 +40,9 @@ class LoopConfig(Config):
     arms: list[str] = Field(default_factory=lambda: list(ARMS), description="targeted and/or uniform allocation")
     seeds: list[int] = Field(default_factory=lambda: [0, 1], description="seeds (prompts, init, data order)")
     floor: float = Field(0.05, ge=0, lt=1, description="smallest share of a round's queries any skill gets")
-    student: str = Field("preset:tiny", description="student: preset:NAME or an HF model directory")
+    student: str = Field("preset:tiny", description="student: preset:NAME, prune:DIR or an HF model directory")
+    layers: int | None = Field(None, gt=0, description="prune: student: decoder layers of DIR to keep")
+    width: int | None = Field(None, gt=0, description="prune: student: MLP channels to keep")
     tokenizer: str | None = Field(None, description="student tokenizer directory (default: the teacher's)")
     loss: str = Field("forward_kl", description="training loss (see `alambic train --help`)")
     steps: int = Field(300, gt=0, description="student optimiser steps per round")
@@ -119,6 +121,7 @@ def run_arm(cfg: LoopConfig, arm: str, seed: int, base_url: str, keys_file: str 
         teacher_dir = None if cfg.teacher.startswith(("http://", "https://")) else cfg.teacher
         trainer.run(trainer.TrainConfig(
             data=[got["output"]], out=str(folder / f"round{r}" / "student"), student=cfg.student,
+            layers=cfg.layers, width=cfg.width,
             tokenizer=cfg.tokenizer or teacher_dir, loss=cfg.loss if cfg.top_logprobs else "sft", steps=cfg.steps,
             lr=cfg.lr, batch_size=cfg.batch_size, warmup=min(30, cfg.steps // 10), packing=True, eval_every=0,
             heldout_n=0, save_every=0, seed=seed, threads=cfg.threads, val_fraction=0.0))
@@ -160,10 +163,10 @@ def run(cfg: LoopConfig, log: Callable[[str], None] = lambda _: None) -> dict:
         if not Path(cfg.teacher).exists():
             raise FileNotFoundError(f"teacher {cfg.teacher!r} not found: give a model directory or an endpoint URL")
         from .demo import teacher_id
-        from .serve import ServeConfig, serve_in_thread
+        from .serve import ServeConfig, serve_in_process
 
         log(f"serving the teacher {cfg.teacher} on 127.0.0.1")
-        with serve_in_thread(ServeConfig(model=cfg.teacher, port=0)) as url:
+        with serve_in_process(ServeConfig(model=cfg.teacher, port=0)) as url:
             for seed in cfg.seeds:
                 for arm in cfg.arms:
                     runs[arm].append(run_arm(cfg, arm, seed, url + "/v1", None, teacher_id(cfg.teacher), log))

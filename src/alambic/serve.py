@@ -5,7 +5,8 @@ Read top to bottom:
 - API keys, per-key rate limits and the access log (the file `guard` reads; keys never enter it);
 - request schemas (pydantic) for /v1/chat/completions, /v1/completions and /v1/messages;
 - the FastAPI app, which translates between the wire formats and engine jobs;
-- `run(cfg)` (blocking, for the CLI) and `serve_in_thread(cfg)` (for tests and other stages).
+- `run(cfg)` (blocking, for the CLI), `serve_in_thread(cfg)` (for tests and other stages) and
+  `serve_in_process(cfg)` (the same from a child process, for stages that keep a core busy themselves).
 """
 
 from __future__ import annotations
@@ -929,3 +930,54 @@ def serve_in_thread(cfg: ServeConfig, app: FastAPI | None = None, startup_timeou
         server.should_exit = True
         thread.join(timeout=15)
         sock.close()
+
+
+def _serve_fd(fd: int, cfg_json: str) -> None:
+    """Child side of `serve_in_process`: serve on the inherited listening socket until SIGTERM/SIGINT."""
+    cfg = ServeConfig.model_validate_json(cfg_json)
+    sock = socket.socket(fileno=fd)
+    _uvicorn(create_app(cfg)).run(sockets=[sock])  # main thread: uvicorn shuts down gracefully on SIGTERM
+
+
+@contextlib.contextmanager
+def serve_in_process(cfg: ServeConfig, startup_timeout: float = 120.0) -> Iterator[str]:
+    """Like `serve_in_thread`, but the server runs in a child Python process; yields its base URL.
+
+    For a stage that is itself busy while it talks to the server (the demo's collection: the client parses
+    thousands of replies while the teacher generates): in one process both share one interpreter lock and one core,
+    in two each gets its own. The socket is bound here and inherited, so port 0 works and there is no race for it.
+    """
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    sock = _bind(cfg.host, cfg.port)
+    url = _url(sock, cfg.host)
+    code = f"from alambic.serve import _serve_fd; _serve_fd({sock.fileno()}, {cfg.model_dump_json()!r})"
+    proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=[sock.fileno()])
+    try:
+        deadline = time.monotonic() + startup_timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the server for {cfg.model} exited with status {proc.returncode} before it was "
+                                   "ready (see the log above for the reason)")
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the server for {cfg.model} did not start within {startup_timeout:.0f} s")
+            time.sleep(0.1)
+        yield url
+    finally:
+        sock.close()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
