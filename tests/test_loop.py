@@ -37,6 +37,17 @@ def test_loop_both_arms_equal_budget(tiny_model_dir, tmp_path):
     assert all(0 <= p["accuracy"] <= 1 for p in t + u)
     saved = json.loads((tmp_path / "run" / "loop" / "loop.json").read_text())
     assert saved["curves"] == r["curves"] and isinstance(saved["summary"], str) and saved["summary"]
+    assert 0 <= saved["teacher_accuracy"] <= 1
+
+
+def test_loop_with_a_student_pruned_from_the_teacher(tiny_model_dir, tmp_path):
+    cfg = LoopConfig(teacher=str(tiny_model_dir), budget=4, rounds=1, skills=["string_ops"], seeds=[0],
+                     arms=["targeted"], student=f"prune:{tiny_model_dir}", layers=1, steps=1, batch_size=1,
+                     max_tokens=8, n_probe=1, n_test=1, top_logprobs=3, out=str(tmp_path / "run"))
+    loop.run(cfg)
+    student = json.loads((tmp_path / "run" / "loop" / "targeted-seed0" / "round0" / "student" / "config.json")
+                         .read_text())
+    assert student["num_hidden_layers"] == 1
 
 
 def test_loop_rejects_a_budget_too_small(tiny_model_dir, tmp_path):

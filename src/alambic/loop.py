@@ -155,7 +155,23 @@ def run(cfg: LoopConfig, log: Callable[[str], None] = lambda _: None) -> dict:
     (out / "loop").mkdir(parents=True, exist_ok=True)
     cfg.dump(out / "loop" / "config.json")
     runs: dict[str, list[list[dict]]] = {arm: [] for arm in cfg.arms}
+    teacher_acc: list[float] = []
+
+    def teacher_accuracy(base_url: str, api_key: str) -> None:
+        """The teacher on each seed's held-out test prompts: the ceiling the curves are drawn against."""
+        from .evaluate import Endpoint
+
+        for seed in cfg.seeds:
+            test = tasks.generate(cfg.skills, cfg.n_test, "test", seed=seed)
+            replies = Endpoint(base_url, api_key=api_key).answer([ex.messages for ex in test], cfg.max_tokens,
+                                                                 cfg.concurrency)[0].replies
+            teacher_acc.append(tasks.accuracy(test, replies)["mean"])
+        log(f"teacher held-out accuracy {statistics.mean(teacher_acc):.3f}")
+
     if cfg.teacher.startswith(("http://", "https://")):
+        import os
+
+        teacher_accuracy(cfg.teacher, os.environ.get(cfg.api_key_env, ""))
         for seed in cfg.seeds:
             for arm in cfg.arms:
                 runs[arm].append(run_arm(cfg, arm, seed, cfg.teacher, None, None, log))
@@ -167,6 +183,7 @@ def run(cfg: LoopConfig, log: Callable[[str], None] = lambda _: None) -> dict:
 
         log(f"serving the teacher {cfg.teacher} on 127.0.0.1")
         with serve_in_process(ServeConfig(model=cfg.teacher, port=0)) as url:
+            teacher_accuracy(url + "/v1", "")
             for seed in cfg.seeds:
                 for arm in cfg.arms:
                     runs[arm].append(run_arm(cfg, arm, seed, url + "/v1", None, teacher_id(cfg.teacher), log))
@@ -185,7 +202,7 @@ def run(cfg: LoopConfig, log: Callable[[str], None] = lambda _: None) -> dict:
                f"targeted allocation does not beat uniform at any budget here (seeds {cfg.seeds})") \
         if {"targeted", "uniform"} <= set(curves) else ""
     result = {"kind": "alambic.loop", "alambic_version": __version__, "budget": cfg.budget, "rounds": cfg.rounds,
-              "seeds": cfg.seeds, "curves": curves, "runs": runs, "targeted_wins_at": wins, "summary": summary,
+              "seeds": cfg.seeds, "teacher_accuracy": statistics.mean(teacher_acc), "curves": curves, "runs": runs, "targeted_wins_at": wins, "summary": summary,
               "seconds": round(time.time() - t0, 1)}
     (out / "loop" / "loop.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
