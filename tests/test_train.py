@@ -108,6 +108,14 @@ def test_forward_kl_on_stored_topk_with_packing(interactions, tiny_model_dir, tm
     assert m["topk_bytes_per_token"] <= 8 * K  # (k + 1) × (int32 id + float16 logprob)
 
 
+def test_examples_cut_by_max_len_are_reported(interactions, tiny_model_dir, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="alambic.train.trainer"):
+        run(config(interactions, tmp_path / "whole", tiny_model_dir, steps=1, batch_size=1, max_len=4096))
+        assert "--max-len" not in caplog.text
+        run(config(interactions, tmp_path / "cut", tiny_model_dir, steps=1, batch_size=1, max_len=24))
+    assert "reach --max-len 24" in caplog.text
+
+
 def test_reverse_kl_on_local_teacher_logits(interactions, tiny_model_dir, tmp_path):
     out = tmp_path / "student"
     m = run(config(interactions, out, None, teacher=str(tiny_model_dir), loss="reverse_kl"))

@@ -52,6 +52,8 @@ class DemoConfig(Config):
     train_steps: int = Field(600, ge=0, description="student optimiser steps (0: stop after collection)")
     train_lr: float = Field(3e-3, gt=0, description="student peak learning rate")
     train_batch: int = Field(16, gt=0, description="student packed rows per step")
+    train_max_len: int = Field(320, gt=8, description="tokens per packed row: just above the longest demo example "
+                               "(272), since attention's cost grows with the row (1.3x the tokens/s of 512 here)")
     watermark: bool = Field(True, description="serve the collection watermarked (a key made for the run), distil a "
                             "control student from the unwatermarked teacher, and test both with guard provenance")
     n_control: int = Field(200, gt=0, description="training prompts per provenance skill the control student learns "
@@ -200,7 +202,7 @@ def train_student(cfg: DemoConfig, data: Path, folder: Path, steps: int, log: Ca
 
     train_cfg = trainer.TrainConfig(
         data=[str(data)], out=str(folder), student=cfg.student, tokenizer=cfg.teacher, loss=cfg.loss, steps=steps,
-        lr=cfg.train_lr, batch_size=cfg.train_batch, warmup=min(30, steps // 10), packing=True,
+        lr=cfg.train_lr, batch_size=cfg.train_batch, max_len=cfg.train_max_len, warmup=min(30, steps // 10), packing=True,
         eval_every=max(1, steps // 4), heldout_n=10, save_every=0, seed=cfg.seed)
     if _same_run(folder, train_cfg):
         log(f"{folder}: already trained on this data with these settings (delete it to retrain)")

@@ -379,6 +379,10 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> dic
     encode_s = time.time() - t_enc
     if not train_ex:
         raise ValueError("no training examples left (all prompts longer than --max-len?)")
+    cut = sum(len(e.ids) == cfg.max_len for e in train_ex)
+    if cut:
+        log.warning("%d of %d training examples reach --max-len %d and may have been cut short; raise --max-len "
+                    "to train on them whole", cut, len(train_ex), cfg.max_len)
     rows = D.rows_for(train_ex, cfg.max_len, cfg.packing)
     if len(rows) < cfg.batch_size:
         raise ValueError(f"only {len(rows)} training rows for --batch-size {cfg.batch_size}; collect more or lower it")
