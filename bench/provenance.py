@@ -89,7 +89,8 @@ def student(root: Path, teacher: str, data: Path, loss: str, steps: int) -> Path
         return out
     shutil.rmtree(out, ignore_errors=True)
     run(TrainConfig(data=[str(data)], out=str(out), student="preset:tiny", tokenizer=teacher, loss=loss,
-                    steps=steps, batch_size=16, lr=3e-3, eval_every=0, heldout_n=0, save_every=0, threads=1))
+                    steps=steps, batch_size=16, lr=3e-3, max_len=320, packing=True, eval_every=0, heldout_n=0,
+                    save_every=0, threads=1))  # the demo's recipe
     return out
 
 
@@ -194,7 +195,8 @@ def main() -> None:
                       "p_value_filtered": rf["p_value"], "tokens_scored_filtered": rf["tokens_scored"],
                       "null_ks_p_value": r["null_check"]["ks_p_value"],
                       "null_fpr": r["null_check"]["false_positive_rate"],
-                      "true_key_rank": r["null_check"]["true_key_rank"]})
+                      "true_key_rank": r["null_check"]["true_key_rank"],
+                      "p_by_tokens": r["p_by_tokens"], "p_by_tokens_filtered": rf["p_by_tokens"]})
         if f == 0.0:
             null = r["null_check"]
     speed = scoring_speed(teacher, key_file, [wm_teacher["interactions"], clean_teacher["interactions"]])
@@ -219,7 +221,29 @@ def main() -> None:
         **({"time_to_p_1e-6_demo_student": ttd_demo} if args.demo_run else {}),
         "wall_s": round(time.time() - t_start, 1),
     }
-    publish(args.name or ("provenance" if teacher == str(DEMO_TEACHER) else f"provenance_{Path(teacher).name}"), line)
+    path = publish(args.name or ("provenance" if teacher == str(DEMO_TEACHER) else f"provenance_{Path(teacher).name}"),
+                   line)
+    plot_curve(curve, path.with_suffix(".png"))
+
+
+def plot_curve(curve: list[dict], path: Path) -> None:
+    """The contamination curve: p-value against (context, token) pairs scored, one line per watermarked share."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+    for c in curve:
+        pts = c["p_by_tokens"]
+        ax.plot([q["tokens_scored"] for q in pts], [max(q["p_value"], 1e-300) for q in pts], "o-",
+                label=f"{100 * c['watermarked_fraction']:.0f}% watermarked")
+    ax.axhline(1e-6, ls=":", color="grey", label="p = 1e-6")
+    ax.set(xscale="log", yscale="log", xlabel="(context, token) pairs scored", ylabel="p-value")
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.legend(frameon=False, fontsize=8)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
 
 
 if __name__ == "__main__":

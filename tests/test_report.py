@@ -56,9 +56,13 @@ def make_run(root: Path) -> Path:
                        "skills": ["naming"], "control_records": 600, "control_steps": 100,
                        "teacher_accuracy": {"clean": 0.74, "watermarked": 0.71},
                        "student": {"p_value": 3.2e-12, "z": 7.1, "tokens_scored": 412, "green_fraction": 0.41,
+                                   "p_by_tokens": [{"tokens_scored": 16, "p_value": 0.02},
+                                                   {"tokens_scored": 412, "p_value": 3.2e-12}],
                                    "null_check": {"keys": 100, "true_key_rank": 1, "ks_p_value": 0.43, "alpha": 0.01,
                                                   "false_positive_rate": 0.01}},
                        "control": {"p_value": 0.6, "z": -0.3, "tokens_scored": 398, "green_fraction": 0.24,
+                                   "p_by_tokens": [{"tokens_scored": 16, "p_value": 0.5},
+                                                   {"tokens_scored": 398, "p_value": 0.6}],
                                    "null_check": {"keys": 100, "true_key_rank": 57, "ks_p_value": 0.81,
                                                   "alpha": 0.01, "false_positive_rate": 0.0}}},
         "stages": {"collect": 60.0, "train": 9.5}}))
@@ -72,7 +76,7 @@ def test_report_renders_every_section(tmp_path):
                              "Quality against teacher queries", "Provenance", "Guard: the provider's view",
                              "Watermark provenance", "Run time"]
     page = Path(r["html"]).read_text()
-    assert page.count("<svg") == 3  # accuracy, training curve, loop curves: inline, no external files
+    assert page.count("<svg") == 4  # accuracy, training, loop and watermark curves: inline, no external files
     assert not re.search(r'src="(?!data:)', page)  # self-contained
     for shown in ("87.5%", "demo:teacher:abc", "5,000", "targeted beats uniform", "55.0%", "found",
                   "1 of 101", "57 of 101", "74.0%", "71.0%", "wm_0123456789ab"):

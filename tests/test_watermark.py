@@ -86,6 +86,17 @@ def test_binomial_test_is_exact():
     assert W.binomial_test(0, 0, 0.25)["p_value"] == 1.0
 
 
+def test_p_by_tokens_matches_the_test_on_each_prefix():
+    wm = W.Watermark(KEY.encode(), W.WatermarkParams(1, 0.25, 4.0), 104)
+    pairs = [((c,), t) for c in range(10) for t in range(10)]  # 100 distinct pairs
+    curve = W.p_by_tokens(wm, W.Selection(pairs=pairs))
+    assert [p["tokens_scored"] for p in curve] == [16, 32, 64, 100]
+    for point in curve:
+        prefix = W.Selection(pairs=pairs[: point["tokens_scored"]])
+        assert point["p_value"] == W.score_pairs(wm, prefix)["p_value"]
+    assert W.p_by_tokens(wm, W.Selection()) == []
+
+
 def test_select_dedups_excludes_prompt_windows_and_filters():
     prompt = [9, 1, 2]
     seqs = [(prompt + [1, 2, 3, 1, 2, 3], 3), ([4, 1, 2, 3], 1)]

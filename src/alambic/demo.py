@@ -202,8 +202,8 @@ def train_student(cfg: DemoConfig, data: Path, folder: Path, steps: int, log: Ca
 
     train_cfg = trainer.TrainConfig(
         data=[str(data)], out=str(folder), student=cfg.student, tokenizer=cfg.teacher, loss=cfg.loss, steps=steps,
-        lr=cfg.train_lr, batch_size=cfg.train_batch, max_len=cfg.train_max_len, warmup=min(30, steps // 10), packing=True,
-        eval_every=max(1, steps // 4), heldout_n=10, save_every=0, seed=cfg.seed)
+        lr=cfg.train_lr, batch_size=cfg.train_batch, max_len=cfg.train_max_len, warmup=min(30, steps // 10),
+        packing=True, eval_every=max(1, steps // 4), heldout_n=10, save_every=0, seed=cfg.seed)
     if _same_run(folder, train_cfg):
         log(f"{folder}: already trained on this data with these settings (delete it to retrain)")
         return json.loads((folder / "manifest.json").read_text())
@@ -276,7 +276,8 @@ def provenance(cfg: DemoConfig, out: Path, key_file: Path, log: Callable[[str], 
             suspect=str(model), key_file=str(key_file), tokenizer=cfg.teacher, task=cfg.provenance_skills,
             n=cfg.provenance_n, samples=2, temperature=cfg.provenance_temperature, max_tokens=cfg.max_tokens,
             seed=cfg.seed, concurrency=cfg.concurrency, out=str(out / "provenance" / name)))
-        result[name] = {k: r[k] for k in ("p_value", "z", "tokens_scored", "green_fraction", "null_check")}
+        result[name] = {k: r[k] for k in ("p_value", "z", "tokens_scored", "green_fraction", "p_by_tokens",
+                                              "null_check")}
         log(f"{name}: p = {r['p_value']:.3g} over {r['tokens_scored']} (context, token) pairs; true key ranks "
             f"{r['null_check']['true_key_rank']} of {r['null_check']['keys'] + 1}")
     stages["provenance"] = round(time.time() - t, 1)

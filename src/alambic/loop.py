@@ -202,7 +202,7 @@ def run(cfg: LoopConfig, log: Callable[[str], None] = lambda _: None) -> dict:
                f"targeted allocation does not beat uniform at any budget here (seeds {cfg.seeds})") \
         if {"targeted", "uniform"} <= set(curves) else ""
     result = {"kind": "alambic.loop", "alambic_version": __version__, "budget": cfg.budget, "rounds": cfg.rounds,
-              "seeds": cfg.seeds, "teacher_accuracy": statistics.mean(teacher_acc), "curves": curves, "runs": runs, "targeted_wins_at": wins, "summary": summary,
-              "seconds": round(time.time() - t0, 1)}
+              "seeds": cfg.seeds, "teacher_accuracy": statistics.mean(teacher_acc), "curves": curves, "runs": runs,
+              "targeted_wins_at": wins, "summary": summary, "seconds": round(time.time() - t0, 1)}
     (out / "loop" / "loop.json").write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -157,6 +157,23 @@ def _loop_plot(loop: dict):
     return fig
 
 
+def _provenance_plot(p: dict):
+    """p-value against (context, token) pairs scored, student and control (Sander et al.'s radioactivity axes)."""
+    fig, ax = _figure()
+    for name, color in (("student", STUDENT_COLOR), ("control", UNIFORM_COLOR)):
+        pts = p[name].get("p_by_tokens") or []
+        if pts:
+            ax.plot([q["tokens_scored"] for q in pts], [max(q["p_value"], 1e-300) for q in pts], "o-", label=name,
+                    color=color)
+    ax.axhline(1e-6, ls=":", color=TEACHER_COLOR, label="p = 1e-6")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("(context, token) pairs scored")
+    ax.set_ylabel("p-value")
+    ax.legend(frameon=False)
+    return fig
+
+
 def _svg(fig) -> str:
     import matplotlib.pyplot as plt
 
@@ -214,7 +231,10 @@ def _watermark_section(p: dict) -> dict:
         ("random keys: KS p (uniform p-values)", lambda r: _fmt(r["null_check"]["ks_p_value"])),
         (f"random keys: false positives at α = {s['null_check']['alpha']}",
          lambda r: _pct(r["null_check"]["false_positive_rate"])))]
-    return {"title": "Watermark provenance", "text": text, "table": rows}
+    section = {"title": "Watermark provenance", "text": text, "table": rows}
+    if s.get("p_by_tokens") and c.get("p_by_tokens"):
+        section |= {"plot": lambda: _provenance_plot(p), "name": "watermark"}
+    return section
 
 
 def sections(run: dict) -> list[dict]:

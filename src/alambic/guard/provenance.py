@@ -149,7 +149,8 @@ def score_interactions(cfg: ProvenanceConfig, files: list[str], tokenizer) -> di
     contexts = seen_contexts(cfg.data, tokenizer, params.context_width) if cfg.data else None
     t0 = time.perf_counter()
     sel = W.select(seqs, params.context_width, cfg.dedup, cfg.exclude_prompt, contexts)
-    result = {"key": wm.fingerprint, **asdict(params), "completions": len(seqs), **W.score_pairs(wm, sel)}
+    result = {"key": wm.fingerprint, **asdict(params), "completions": len(seqs), **W.score_pairs(wm, sel),
+              "p_by_tokens": W.p_by_tokens(wm, sel)}
     result["score_seconds"] = round(time.perf_counter() - t0, 4)
     if contexts is not None:
         result["reference_contexts"] = len(contexts)

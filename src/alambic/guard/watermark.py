@@ -244,6 +244,19 @@ def score_pairs(wm: Watermark, sel: Selection) -> dict:
             "gamma": wm.params.gamma, **binomial_test(green, n, wm.params.gamma), **sel.counts()}
 
 
+def p_by_tokens(wm: Watermark, sel: Selection, first: int = 16) -> list[dict]:
+    """The p-value after the first 16, 32, 64, … scored pairs and after all of them: how much a suspect must write
+    before the evidence is strong (the x-axis of Sander et al.'s radioactivity plots)."""
+    hits = np.cumsum([bool(wm.green(ctx)[tok]) if tok < wm.vocab_size else False for ctx, tok in sel.pairs])
+    sizes, m = [], first
+    while m < len(hits):
+        sizes.append(m)
+        m *= 2
+    sizes += [len(hits)] if len(hits) else []
+    return [{"tokens_scored": m, "p_value": binomial_test(int(hits[m - 1]), m, wm.params.gamma)["p_value"]}
+            for m in sizes]
+
+
 def random_keys(n: int, seed: int = 0) -> list[bytes]:
     """`n` keys for the null check, reproducible from `seed` (they only need to be independent of the text)."""
     rng = np.random.Generator(np.random.PCG64(seed))
