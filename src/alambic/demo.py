@@ -39,7 +39,7 @@ class DemoConfig(Config):
     teacher: str = Field(str(DEMO_TEACHER), description="teacher model directory to serve")
     out: str = Field("runs/demo", description="run folder for the demo's outputs")
     n_eval: int = Field(100, gt=0, description="held-out prompts per skill")
-    concurrency: int = Field(32, gt=0, description="requests in flight at once")
+    concurrency: int = Field(64, gt=0, description="requests in flight at once (and the server's batch size)")
     max_tokens: int = Field(200, gt=0, description="max tokens per teacher answer")
     seed: int = Field(0, description="seed of the held-out prompts")
     n_collect: int = Field(1000, ge=0, description="training prompts per skill to collect from the teacher")
@@ -150,7 +150,7 @@ def run(cfg: DemoConfig, log: Callable[[str], None] = lambda _: None,
     keys_file.write_text("".join(f"{k} acct_demo_{i}\n" for i, k in enumerate(keys)))
     keys_file.chmod(0o600)
     log(f"serving the demo teacher from {cfg.teacher}" + (f", watermarked with key {key_name}" if key_file else ""))
-    serve_cfg = ServeConfig(model=cfg.teacher, port=0, access_log=str(out / "access.jsonl"),
+    serve_cfg = ServeConfig(model=cfg.teacher, port=0, max_batch=cfg.concurrency, access_log=str(out / "access.jsonl"),
                             api_keys_file=str(keys_file), watermark_key_file=str(key_file) if key_file else None)
     t = time.time()
     with serve_in_process(serve_cfg) as url:  # its own process: the collecting client keeps a core busy
@@ -258,7 +258,8 @@ def provenance(cfg: DemoConfig, out: Path, key_file: Path, log: Callable[[str], 
     t = time.time()
     log(f"collecting {cfg.n_control} {'/'.join(cfg.provenance_skills)} prompts from the unwatermarked teacher for a "
         "control student")
-    with serve_in_process(ServeConfig(model=cfg.teacher, port=0)) as url:  # the lab's own server: no access log
+    # the lab's own server: no access log
+    with serve_in_process(ServeConfig(model=cfg.teacher, port=0, max_batch=cfg.concurrency)) as url:
         control = collect.run(collect.CollectConfig(
             base_url=url + "/v1", teacher_id=teacher_id(cfg.teacher), task=cfg.provenance_skills, n=cfg.n_control,
             max_tokens=cfg.max_tokens, top_logprobs=cfg.top_logprobs, concurrency=cfg.concurrency,
