@@ -22,6 +22,17 @@ def test_allocate_follows_error_with_a_floor():
         allocate(10, {"a": 1.0, "b": 1.0}, floor=0.6)
 
 
+def test_compare_reports_the_gap_and_its_error():
+    curves = {"targeted": [{"queries": 100, "accuracy": 0.3}, {"queries": 200, "accuracy": 0.5}],
+              "uniform": [{"queries": 100, "accuracy": 0.3}, {"queries": 200, "accuracy": 0.4}]}
+    wins, summary = loop.compare(curves, n=100, seeds=[0, 1])
+    assert wins == [200]
+    assert curves["targeted"][1]["gap_vs_uniform"] == 0.1
+    assert curves["targeted"][1]["gap_se"] == pytest.approx(((0.25 + 0.24) / 100) ** 0.5, abs=1e-4)
+    assert "beats uniform at 200" in summary and "+10.0 points (standard error 7.0)" in summary
+    assert loop.compare({"targeted": curves["targeted"]}, 100, [0]) == ([], "")
+
+
 def test_loop_both_arms_equal_budget(tiny_model_dir, tmp_path):
     cfg = LoopConfig(teacher=str(tiny_model_dir), budget=20, rounds=2, skills=["string_ops", "list_ops"], seeds=[0],
                      student="preset:test", steps=2, batch_size=1, max_tokens=8, n_probe=2, n_test=2,
