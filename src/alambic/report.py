@@ -168,6 +168,13 @@ def _provenance_plot(p: dict):
     ax.axhline(1e-6, ls=":", color=TEACHER_COLOR, label="p = 1e-6")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    from matplotlib.ticker import NullFormatter
+
+    top = max((q["tokens_scored"] for name in ("student", "control") for q in p[name].get("p_by_tokens") or []),
+              default=16)
+    ticks = [16 * 2**i for i in range(12) if 16 * 2**i <= top]  # the sizes p_by_tokens reports
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("(context, token) pairs scored")
     ax.set_ylabel("p-value")
     ax.legend(frameon=False)
