@@ -108,10 +108,10 @@ def _accuracy_plot(ev: dict):
     x = np.arange(len(groups))
     ax.bar(x - 0.2, t, 0.4, label="teacher", color=TEACHER_COLOR)
     ax.bar(x + 0.2, s, 0.4, label="student (95% CI)", color=STUDENT_COLOR, yerr=np.array(err).T, capsize=3)
-    ax.set_xticks(x, groups)
+    ax.set_xticks(x, groups, rotation=20, ha="right")
     ax.set_ylim(0, 105)
     ax.set_ylabel("held-out accuracy (%)")
-    ax.legend(frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
+    ax.legend(frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
     return fig
 
 
