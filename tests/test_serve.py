@@ -340,8 +340,8 @@ def test_generation_failure_is_a_500_and_the_server_recovers(tiny_model_dir, tmp
     engine._forward = broken
     with serve_in_thread(cfg, app=app) as url:
         c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
-        with pytest.raises(openai.InternalServerError) as e:
-            c.chat.completions.create(model=tiny_model_dir.name, messages=HI, max_tokens=5)
+        with pytest.raises(openai.InternalServerError) as e:  # greedy: 5 tokens, never an early stop before call 3
+            c.chat.completions.create(model=tiny_model_dir.name, messages=HI, max_tokens=5, temperature=0)
         assert "simulated kernel failure" in e.value.message
         assert c.chat.completions.create(model=tiny_model_dir.name, messages=HI, max_tokens=5).choices
     statuses = [json.loads(line)["status"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
