@@ -408,6 +408,27 @@ def test_serve_in_process_answers_like_in_thread_and_stops_cleanly(tiny_model_di
         httpx.get(url + "/health", timeout=2)
 
 
+def test_serve_in_process_child_stops_when_its_parent_dies(tiny_model_dir):
+    import subprocess
+    import sys
+
+    code = ("import os, sys; from alambic.serve import ServeConfig, serve_in_process\n"
+            "with serve_in_process(ServeConfig(model=sys.argv[1], port=0)) as url:\n"
+            "    print(url, flush=True); os._exit(0)  # killed: no cleanup runs")
+    parent = subprocess.run([sys.executable, "-c", code, str(tiny_model_dir)], capture_output=True, text=True,
+                            timeout=120)
+    url = parent.stdout.strip()
+    assert url.startswith("http://127.0.0.1:"), parent.stderr
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url + "/health", timeout=1)
+        except httpx.HTTPError:
+            return  # the orphaned server is gone
+        time.sleep(0.5)
+    pytest.fail(f"the server at {url} outlived its parent")
+
+
 # --- configuration --------------------------------------------------------------------------------------------------
 
 

@@ -936,7 +936,17 @@ def _serve_fd(fd: int, cfg_json: str) -> None:
     """Child side of `serve_in_process`: serve on the inherited listening socket until SIGTERM/SIGINT."""
     cfg = ServeConfig.model_validate_json(cfg_json)
     sock = socket.socket(fileno=fd)
-    _uvicorn(create_app(cfg)).run(sockets=[sock])  # main thread: uvicorn shuts down gracefully on SIGTERM
+    server = _uvicorn(create_app(cfg))
+    parent = os.getppid()
+
+    def orphaned() -> None:  # the parent was killed without stopping us: stop, rather than serve forever
+        while not server.should_exit:
+            if os.getppid() != parent:
+                server.should_exit = True
+            time.sleep(1)
+
+    threading.Thread(target=orphaned, daemon=True).start()
+    server.run(sockets=[sock])  # main thread: uvicorn shuts down gracefully on SIGTERM
 
 
 @contextlib.contextmanager
