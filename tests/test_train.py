@@ -21,6 +21,7 @@ from alambic.collect import CollectConfig
 from alambic.config import ConfigError
 from alambic.modeling import build_model, char_tokenizer
 from alambic.serve import ServeConfig, serve_in_thread
+from alambic.teacher import encode
 from alambic.train import data as D
 from alambic.train.losses import LOSSES
 from alambic.train.students import keep_layers
@@ -109,11 +110,18 @@ def test_forward_kl_on_stored_topk_with_packing(interactions, tiny_model_dir, tm
 
 
 def test_examples_cut_by_max_len_are_reported(interactions, tiny_model_dir, tmp_path, caplog):
+    # The fixture's completions are sampled (some are empty), so give every record a known 40-character answer.
+    records = [json.loads(line) for line in interactions.read_text().splitlines()]
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "logprobs"} | {"completion": "ab" * 20})
+                            + "\n" for r in records))
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    longest_prompt = max(encode(tok, r["prompt"], "")[1].count(-100) for r in records)  # masked: the prompt
     with caplog.at_level("WARNING", logger="alambic.train.trainer"):
-        run(config(interactions, tmp_path / "whole", tiny_model_dir, steps=1, batch_size=1, max_len=4096))
+        run(config(data, tmp_path / "whole", tiny_model_dir, steps=1, batch_size=1, max_len=longest_prompt + 60))
         assert "--max-len" not in caplog.text
-        run(config(interactions, tmp_path / "cut", tiny_model_dir, steps=1, batch_size=1, max_len=24))
-    assert "reach --max-len 24" in caplog.text
+        run(config(data, tmp_path / "cut", tiny_model_dir, steps=1, batch_size=1, max_len=longest_prompt + 10))
+    assert f"reach --max-len {longest_prompt + 10}" in caplog.text
 
 
 def test_reverse_kl_on_local_teacher_logits(interactions, tiny_model_dir, tmp_path):
