@@ -61,6 +61,18 @@ def test_loop_with_a_student_pruned_from_the_teacher(tiny_model_dir, tmp_path):
     assert student["num_hidden_layers"] == 1
 
 
+def test_loop_warm_start_continues_the_previous_rounds_student(tiny_model_dir, tmp_path):
+    cfg = LoopConfig(teacher=str(tiny_model_dir), budget=4, rounds=2, skills=["string_ops"], seeds=[0],
+                     arms=["targeted"], student="preset:test", warm_start=True, steps=1, batch_size=1,
+                     max_tokens=8, n_probe=1, n_test=1, top_logprobs=3, out=str(tmp_path / "run"))
+    loop.run(cfg)
+    arm = tmp_path / "run" / "loop" / "targeted-seed0"
+    first = json.loads((arm / "round0" / "student" / "manifest.json").read_text())["student"]
+    second = json.loads((arm / "round1" / "student" / "manifest.json").read_text())["student"]
+    assert first["kind"] == "preset"
+    assert second["kind"] == "hf" and second["source"] == str(arm / "round0" / "student")
+
+
 def test_loop_rejects_a_budget_too_small(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="budget"):
         loop.run(LoopConfig(teacher=str(tiny_model_dir), budget=3, rounds=2, out=str(tmp_path)))

@@ -7,8 +7,9 @@ held-out test prompts), and the round's new teacher queries are split across ski
 an even split every time ("uniform") are the baseline, run side by side at the same budget and seeds; both curves,
 held-out accuracy against teacher queries, go to loop/loop.json and into the report.
 
-The student is trained from scratch each round on everything collected so far, for the same number of steps in
-both arms, so the curves differ only in which prompts the teacher was asked. Collection goes through `alambic
+The student is trained from scratch each round on everything collected so far (or, with --warm-start, the previous
+round's student is trained on), for the same number of steps in both arms, so the curves differ only in which
+prompts the teacher was asked. Collection goes through `alambic
 collect` and its cache: a prompt asked once is never paid for again, by either arm or a re-run.
 """
 
@@ -47,6 +48,8 @@ class LoopConfig(Config):
     tokenizer: str | None = Field(None, description="student tokenizer directory (default: the teacher's)")
     loss: str = Field("forward_kl", description="training loss (see `alambic train --help`)")
     steps: int = Field(300, gt=0, description="student optimiser steps per round")
+    warm_start: bool = Field(False, description="each round continues the previous round's student (on everything "
+                             "collected so far) instead of starting again from --student")
     lr: float = Field(3e-3, gt=0, description="student peak learning rate")
     batch_size: int = Field(16, gt=0, description="student packed rows per step")
     top_logprobs: int = Field(5, ge=0, le=20, description="teacher top-k logprobs to collect (0: text only)")
@@ -121,8 +124,9 @@ def run_arm(cfg: LoopConfig, arm: str, seed: int, base_url: str, keys_file: str 
         log(f"{arm} seed {seed} round {r + 1}: training the student")
         teacher_dir = None if cfg.teacher.startswith(("http://", "https://")) else cfg.teacher
         trainer.run(trainer.TrainConfig(
-            data=[got["output"]], out=str(folder / f"round{r}" / "student"), student=cfg.student,
-            layers=cfg.layers, width=cfg.width,
+            data=[got["output"]], out=str(folder / f"round{r}" / "student"),
+            **({"student": str(folder / f"round{r - 1}" / "student")} if cfg.warm_start and r else
+               {"student": cfg.student, "layers": cfg.layers, "width": cfg.width}),
             tokenizer=cfg.tokenizer or teacher_dir, loss=cfg.loss if cfg.top_logprobs else "sft", steps=cfg.steps,
             lr=cfg.lr, batch_size=cfg.batch_size, warmup=min(30, cfg.steps // 10), packing=True, eval_every=0,
             heldout_n=0, save_every=0, seed=seed, threads=cfg.threads, val_fraction=0.0))
