@@ -228,25 +228,12 @@ def main() -> None:
 
 def plot_curve(curve: list[dict], path: Path) -> None:
     """The contamination curve: p-value against (context, token) pairs scored, one line per watermarked share."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
 
-    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
-    for c in curve:
-        pts = c["p_by_tokens"]
-        ax.plot([q["tokens_scored"] for q in pts], [max(q["p_value"], 1e-300) for q in pts], "o-",
-                label=f"{100 * c['watermarked_fraction']:.0f}% watermarked")
-    ax.axhline(1e-6, ls=":", color="grey", label="p = 1e-6")
-    ax.set(xscale="log", yscale="log", xlabel="(context, token) pairs scored", ylabel="p-value")
-    top = max((q["tokens_scored"] for c in curve for q in c["p_by_tokens"]), default=16)
-    ticks = [16 * 2**i for i in range(12) if 16 * 2**i <= top]  # the sizes p_by_tokens reports
-    ax.set_xticks(ticks, [str(t) for t in ticks])
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.spines[["top", "right"]].set_visible(False)
-    ax.legend(frameon=False, fontsize=8)
+    from alambic.report import p_value_plot
+
+    fig = p_value_plot([(f"{100 * c['watermarked_fraction']:.0f}% watermarked", c["p_by_tokens"], None)
+                        for c in curve])
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
 

@@ -9,8 +9,8 @@ held-out accuracy against teacher queries, go to loop/loop.json and into the rep
 
 The student is trained from scratch each round on everything collected so far (or, with --warm-start, the previous
 round's student is trained on), for the same number of steps in both arms, so the curves differ only in which
-prompts the teacher was asked. Collection goes through `alambic
-collect` and its cache: a prompt asked once is never paid for again, by either arm or a re-run.
+prompts the teacher was asked. Collection goes through `alambic collect` and its cache: a prompt asked once is never
+paid for again, by either arm or a re-run.
 """
 
 from __future__ import annotations

@@ -157,27 +157,26 @@ def _loop_plot(loop: dict):
     return fig
 
 
-def _provenance_plot(p: dict):
-    """p-value against (context, token) pairs scored, student and control (Sander et al.'s radioactivity axes)."""
+def p_value_plot(series: list[tuple[str, list[dict], str | None]]):
+    """p-value against (context, token) pairs scored (Sander et al.'s radioactivity axes): one line per
+    (label, `p_by_tokens` points, colour or None) — the report's student and control, the bench's watermarked shares."""
+    from matplotlib.ticker import NullFormatter
+
     fig, ax = _figure()
-    for name, color in (("student", STUDENT_COLOR), ("control", UNIFORM_COLOR)):
-        pts = p[name].get("p_by_tokens") or []
+    for label, pts, color in series:
         if pts:
-            ax.plot([q["tokens_scored"] for q in pts], [max(q["p_value"], 1e-300) for q in pts], "o-", label=name,
+            ax.plot([q["tokens_scored"] for q in pts], [max(q["p_value"], 1e-300) for q in pts], "o-", label=label,
                     color=color)
     ax.axhline(1e-6, ls=":", color=TEACHER_COLOR, label="p = 1e-6")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    from matplotlib.ticker import NullFormatter
-
-    top = max((q["tokens_scored"] for name in ("student", "control") for q in p[name].get("p_by_tokens") or []),
-              default=16)
+    top = max((q["tokens_scored"] for _, pts, _ in series for q in pts), default=16)
     ticks = [16 * 2**i for i in range(12) if 16 * 2**i <= top]  # the sizes p_by_tokens reports
     ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("(context, token) pairs scored")
     ax.set_ylabel("p-value")
-    ax.legend(frameon=False)
+    ax.legend(frameon=False, fontsize=8)
     return fig
 
 
@@ -240,7 +239,9 @@ def _watermark_section(p: dict) -> dict:
          lambda r: _pct(r["null_check"]["false_positive_rate"])))]
     section = {"title": "Watermark provenance", "text": text, "table": rows}
     if s.get("p_by_tokens") and c.get("p_by_tokens"):
-        section |= {"plot": lambda: _provenance_plot(p), "name": "watermark"}
+        section |= {"plot": lambda: p_value_plot([("student", s["p_by_tokens"], STUDENT_COLOR),
+                                                  ("control", c["p_by_tokens"], UNIFORM_COLOR)]),
+                    "name": "watermark"}
     return section
 
 

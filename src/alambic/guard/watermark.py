@@ -225,8 +225,14 @@ def select(
     return sel
 
 
+def green_mask(wm: Watermark, pairs: Sequence[tuple[tuple[int, ...], int]]) -> np.ndarray:
+    """(len(pairs),) bool: whether each pair's token is green after its context (ids past the vocabulary: never)."""
+    return np.fromiter((tok < wm.vocab_size and bool(wm.green(ctx)[tok]) for ctx, tok in pairs), dtype=bool,
+                       count=len(pairs))
+
+
 def green_count(wm: Watermark, pairs: Sequence[tuple[tuple[int, ...], int]]) -> int:
-    return sum(bool(wm.green(ctx)[tok]) for ctx, tok in pairs if tok < wm.vocab_size)
+    return int(green_mask(wm, pairs).sum())
 
 
 def binomial_test(green: int, n: int, gamma: float) -> dict[str, float]:
@@ -247,7 +253,7 @@ def score_pairs(wm: Watermark, sel: Selection) -> dict:
 def p_by_tokens(wm: Watermark, sel: Selection, first: int = 16) -> list[dict]:
     """The p-value after the first 16, 32, 64, … scored pairs and after all of them: how much a suspect must write
     before the evidence is strong (the x-axis of Sander et al.'s radioactivity plots)."""
-    hits = np.cumsum([bool(wm.green(ctx)[tok]) if tok < wm.vocab_size else False for ctx, tok in sel.pairs])
+    hits = np.cumsum(green_mask(wm, sel.pairs))
     sizes, m = [], first
     while m < len(hits):
         sizes.append(m)
