@@ -16,6 +16,10 @@ def test_demo_pipeline_on_tiny_model(tiny_model_dir, tmp_path):
     cfg = DemoConfig(teacher=str(tiny_model_dir), out=str(out), n_eval=2, n_collect=6, max_tokens=12, n_keys=3,
                      guard_scale=0.002, student="preset:test", train_steps=4, train_batch=4, n_control=30,
                      control_steps=2, provenance_n=3)
+    # A fixed key (the demo keeps a key file it finds). The untrained teacher's greedy text has only a handful of
+    # distinct (context, token) pairs (4 in the control here), so with a fresh random key per run the control came
+    # out > 60% green by chance now and then; under this key: marked 21 pairs, p = 2.3e-13; control 0.25 green.
+    W.write_key(out / "watermark.key", key="alambic-demo-test-key-fedcba9876543210")
     result = run(cfg)
     n_skills = len(tasks.SKILLS)
     acc = result["teacher_accuracy"]
