@@ -192,12 +192,8 @@ class Signal:
 
     def loss(self, model, batch: dict[str, torch.Tensor], name: str) -> torch.Tensor:
         """Mean loss `name` over the completion tokens of `batch`; only those positions reach the loss functions."""
-        kw = (
-            {"position_ids": batch["position_ids"]}
-            if "position_ids" in batch
-            else {"attention_mask": batch["attention_mask"]}
-        )
-        logits = model(input_ids=batch["input_ids"], **kw).logits[:, :-1]  # (B, T-1, V): position t predicts t+1
+        kw = D.model_inputs(batch)
+        logits = model(**kw).logits[:, :-1]  # (B, T-1, V): position t predicts t+1
         labels = batch["labels"][:, 1:]  # (B, T-1)
         keep = labels != D.IGNORE
         s = logits[keep].unsqueeze(0)  # (1, N, V)
@@ -215,7 +211,7 @@ class Signal:
         if self.teacher is None:
             raise ValueError(f"loss {name!r} needs a local --teacher or interactions with stored logprobs")
         with torch.no_grad():
-            t = self.teacher(input_ids=batch["input_ids"], **kw).logits[:, :-1][keep].unsqueeze(0)  # (1, N, V_t)
+            t = self.teacher(**kw).logits[:, :-1][keep].unsqueeze(0)  # (1, N, V_t)
         s, t = D.align_vocab(s, t)
         return LOSSES[name](s, mask, teacher_logits=t, beta=self.cfg.beta)
 
@@ -396,6 +392,9 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> dic
     skills = sorted({(r.get("meta") or {}).get("skill") for r in records} & set(tasks.SKILLS))
     heldout = tasks.generate(skills, cfg.heldout_n, "test", seed=cfg.seed) if skills and cfg.heldout_n else []
 
+    if cfg.packing:  # fails on a model class that lets packed examples attend to each other
+        for m in (model, teacher) if teacher is not None else (model,):
+            log.info("packing isolation of %s: max |logit diff| %.2g", type(m).__name__, D.check_isolation(m, train_ex, pad))
     if cfg.lora_r:
         model = lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     model.train()
