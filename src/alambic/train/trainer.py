@@ -44,7 +44,7 @@ from ..modeling import n_params
 from ..teacher import encode, lr_factor, skill_accuracy
 from . import data as D
 from .losses import LOSSES
-from .students import lora, make_student, merged
+from .students import Shape, lora, make_student, merged
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,14 @@ class TrainConfig(Config):
     # the student
     student: str = Field("preset:tiny", description="preset:NAME, prune:TEACHER_DIR, or an HF model directory")
     tokenizer: str | None = Field(None, description="tokenizer directory for a preset student (default: --teacher)")
-    layers: int | None = Field(None, gt=0, description="prune: decoder layers to keep, evenly spaced")
-    width: int | None = Field(None, gt=0, description="prune: MLP channels to keep, by activation importance")
+    ratio: float | None = Field(None, gt=0, le=1, description="prune: parameter budget × the source (e.g. 0.25); "
+                                "picks hidden, heads and MLP width, widths first (Minitron)")
+    layers: int | None = Field(None, gt=0, description="prune: decoder layers to keep")
+    layer_select: Literal["even", "importance"] = Field(
+        "even", description="prune: which layers to keep: evenly spaced, or by Block Importance")
+    hidden: int | None = Field(None, gt=0, description="prune: hidden (embedding) channels to keep, by importance")
+    heads: int | None = Field(None, gt=0, description="prune: attention heads to keep per layer, by importance")
+    width: int | None = Field(None, gt=0, description="prune: MLP channels to keep per layer, by importance")
     lora_r: int = Field(0, ge=0, description="LoRA rank (0: train every weight); adapters are merged on save")
     lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
@@ -355,8 +361,9 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> dic
         cfg.student,
         tokenizer_dir=cfg.tokenizer,
         teacher_dir=cfg.teacher,
-        layers=cfg.layers,
-        width=cfg.width,
+        shape=Shape(cfg.layers, cfg.hidden, cfg.heads, cfg.width),
+        ratio=cfg.ratio,
+        layer_select=cfg.layer_select,
         calib=calib,
         seed=cfg.seed,
     )
