@@ -82,10 +82,13 @@ def test_demo_cli_prints_summary(tiny_model_dir, tmp_path):
     res = CliRunner().invoke(app, ["demo", "--teacher", str(tiny_model_dir), "--out", str(tmp_path / "d"),
                                    "--n-eval", "1", "--n-collect", "2", "--max-tokens", "8", "--no-guard",
                                    "--no-watermark",
-                                   "--student", "preset:test", "--train-steps", "2", "--train-batch", "2"])
+                                   "--train-steps", "2", "--train-batch", "2"])  # the default student: pruned
     assert res.exit_code == 0, res.output
-    for shown in ("held-out accuracy", "collected from", "student vs teacher", "report:", "demo finished"):
+    for shown in ("held-out accuracy", "collected from", "pruned from", "student vs teacher", "report:",
+                  "demo finished"):
         assert shown in res.output, shown
+    made = json.loads((tmp_path / "d" / "student" / "manifest.json").read_text())["student"]
+    assert made["kind"] == "prune" and made["ratio_requested"] == 0.25 and made["parameters_ratio"] <= 0.25
     assert not (tmp_path / "d" / "watermark.key").exists() and not (tmp_path / "d" / "provenance").exists()
 
 

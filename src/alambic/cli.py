@@ -213,6 +213,8 @@ def _demo(cfg):
                   f"simulated benign accounts: {verdict} as one campaign; "
                   f"{g['demo_accounts_flagged']}/{g['demo_accounts']} demo accounts flagged, "
                   f"{g['benign_flagged']} benign accounts flagged")
+    if result.get("student"):
+        out.print(f"student: {describe_student(result['student'])}")
     if result.get("evaluation"):
         import json
 
@@ -226,6 +228,20 @@ def _demo(cfg):
         out.print(f"report: {result['report']}")
     stages = ", ".join(f"{k} {v:.0f}s" for k, v in result["stages"].items())
     out.print(f"demo finished in {result['seconds']:.0f}s ({stages}); outputs in {cfg.out}")
+
+
+def describe_student(st: dict) -> str:
+    """How a demo student was made, in one line."""
+    m = st.get("made") or {}
+    if m.get("kind") == "prune":
+        how = (f"pruned from {m['source']} (Minitron-style: layers {m['layers']}, hidden {m['hidden']}, "
+               f"{m['heads']} heads, MLP {m['mlp']})")
+    elif m.get("kind") == "preset":
+        how = f"built from scratch (preset {m['preset']})"
+    else:
+        how = f"from {m.get('source', '?')}"
+    return (f"{st['parameters']:,} parameters, {how}, distilled with {st['loss']} for {st.get('steps', '?')} steps "
+            f"in {st['train_seconds']:.0f}s")
 
 
 def _demo_smollm2(cfg):

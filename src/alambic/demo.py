@@ -3,9 +3,10 @@
 Stages: serve the shipped demo teacher over real HTTP on 127.0.0.1 (API keys, access log) → ask it the held-out
 skill prompts through the OpenAI-compatible API and grade its answers → collect the student's training set from it
 through several API keys with `alambic collect` (cached: a re-run pays for nothing) → the provider's view: does
-`guard detect` find that collection among simulated benign users? → train a student of at most 1/8 of the teacher's
-parameters on the collected top-k logprobs (`alambic train`; reused on a re-run when data and settings are the
-same) → `alambic evaluate` student beside teacher → the watermark's evidence (on by default: the API above served
+`guard detect` find that collection among simulated benign users? → train a student of 1/4 of the teacher's
+parameters on the collected top-k logprobs (`alambic train`; by default pruned from the teacher, Minitron-style, as
+a provider makes its own cheaper model; `--student preset:tiny` is the outside distiller's from-scratch path;
+reused on a re-run when data and settings are the same) → `alambic evaluate` student beside teacher → the watermark's evidence (on by default: the API above served
 every completion with a green-list watermark under a key made for the run; a control student is distilled the same
 way from a small collection of the unwatermarked teacher; `guard provenance` tests both students for the key) →
 `alambic report`.
@@ -47,9 +48,14 @@ class DemoConfig(Config):
     n_keys: int = Field(4, ge=1, description="API keys the demo's collection is spread over")
     guard: bool = Field(True, description="mix the demo's traffic into simulated benign traffic and run guard detect")
     guard_scale: float = Field(0.01, gt=0, description="size of the simulated benign population (1.0 = 200k accounts)")
-    student: str = Field("preset:tiny", description="student to train: preset:NAME (at most 1/8 of the teacher)")
+    student: str = Field("prune", description="student to train: `prune` (the provider's own: the teacher pruned "
+                         "to --student-ratio of its parameters, Minitron-style, then distilled; needs the teacher's "
+                         "weights), `preset:NAME` (an outside distiller's, from scratch: only the API is at hand), or "
+                         "any `alambic train --student` spec")
+    student_ratio: float = Field(0.25, gt=0, le=1, description="prune: the student's parameter budget × the "
+                                 "teacher's (hidden, heads and MLP width shrink together, every layer kept)")
     loss: str = Field("forward_kl", description="distillation loss (see `alambic train --help`)")
-    train_steps: int = Field(600, ge=0, description="student optimiser steps (0: stop after collection)")
+    train_steps: int = Field(1000, ge=0, description="student optimiser steps (0: stop after collection)")
     train_lr: float = Field(3e-3, gt=0, description="student peak learning rate")
     train_batch: int = Field(16, gt=0, description="student packed rows per step")
     train_max_len: int = Field(320, gt=8, description="tokens per packed row: just above the longest demo example "
@@ -200,14 +206,18 @@ def train_student(cfg: DemoConfig, data: Path, folder: Path, steps: int, log: Ca
     data with these settings); returns its training manifest."""
     from .train import trainer
 
+    spec, size = cfg.student, {}
+    if spec == "prune":
+        spec, size = f"prune:{cfg.teacher}", {"ratio": cfg.student_ratio}
     train_cfg = trainer.TrainConfig(
-        data=[str(data)], out=str(folder), student=cfg.student, tokenizer=cfg.teacher, loss=cfg.loss, steps=steps,
+        data=[str(data)], out=str(folder), student=spec, **size, tokenizer=cfg.teacher, loss=cfg.loss, steps=steps,
         lr=cfg.train_lr, batch_size=cfg.train_batch, max_len=cfg.train_max_len, warmup=min(30, steps // 10),
         packing=True, eval_every=max(1, steps // 4), heldout_n=10, save_every=0, seed=cfg.seed)
     if _same_run(folder, train_cfg):
         log(f"{folder}: already trained on this data with these settings (delete it to retrain)")
         return json.loads((folder / "manifest.json").read_text())
-    log(f"training a {cfg.student} student in {folder} ({cfg.loss}, {steps} steps)")
+    what = f"pruned to {cfg.student_ratio:g}x the teacher's parameters" if cfg.student == "prune" else cfg.student
+    log(f"training a student ({what}) in {folder} ({cfg.loss}, {steps} steps)")
     return trainer.run(train_cfg)
 
 
@@ -225,7 +235,8 @@ def distil(cfg: DemoConfig, out: Path, log: Callable[[str], None]) -> dict:
                                               seed=cfg.seed, max_tokens=cfg.max_tokens, out=str(out / "evaluate")))
     stages["evaluate"] = round(time.time() - t, 1)
     return {"student": {"parameters": student["student"]["parameters"], "loss": student["loss"],
-                        "train_seconds": student["train_seconds"]},
+                        "train_seconds": student["train_seconds"], "made": student["student"],
+                        "steps": cfg.train_steps},
             "evaluation": {k: ev[k] for k in ("fidelity", "ratios")} | {
                 "teacher_accuracy": {k: v["accuracy"] for k, v in ev["teacher"]["accuracy"].items()},
                 "student_accuracy": {k: v["accuracy"] for k, v in ev["student"]["accuracy"].items()}},
