@@ -105,7 +105,7 @@ def test_small_heavy_campaign_among_small_benign_accounts_flags_no_benign(tmp_pa
     from alambic import tasks
 
     sim = simulate.run(simulate.SimulateConfig(out=str(tmp_path / "b"), scale=0.004, days=2, campaigns=[], seed=1))
-    prompts = [ex.prompt for ex in tasks.generate(None, 120, "train", seed=0)]
+    prompts = [ex.prompt for ex in tasks.generate(None, 2400, "train", seed=0)]  # the demo's prompts are distinct
     rows = []
     for k in range(4):
         for i in range(600):
@@ -113,7 +113,7 @@ def test_small_heavy_campaign_among_small_benign_accounts_flags_no_benign(tmp_pa
             rows.append(json.dumps({
                 "ts": ts, "account_id": f"acct_bulk_{k}", "api_key_id": f"key_bulk_{k}", "ip": "203.0.113.7",
                 "user_agent": "python-httpx/0.28.1", "model": "teacher-x",
-                "prompt": prompts[(i * 4 + k) % len(prompts)],
+                "prompt": prompts[i * 4 + k],
                 "n_messages": 1, "max_tokens": 160, "temperature": 0.0, "logprobs_requested": True,
             }))  # fmt: skip
     (tmp_path / "bulk.jsonl").write_text("\n".join(rows) + "\n")

@@ -60,6 +60,11 @@ OPTIONAL = {
 
 
 WEAK_LINKS = {"ip_prefix", "user_agent"}  # link kinds that corroborate but never flag or join on their own
+# Account features that say what the traffic is *for* (extraction) rather than how accounts are tied (coordination):
+# reasoning traces asked for, logprobs, answers harvested (single turn: nothing fed back), capabilities swept, new
+# prompts only. A community of linked accounts is flagged only when its accounts' purpose score clears a threshold set
+# on known-benign traffic; otherwise it is reported for review.
+PURPOSE = ("elicit_share", "logprobs", "single_turn", "coverage", "novelty", "long_outputs")
 
 
 class DetectConfig(Config):
@@ -86,6 +91,24 @@ class DetectConfig(Config):
     sync_bucket_s: int = Field(600, ge=10, description="time bucket for synchrony on a template (seconds)")
     sync_min_accounts: int = Field(8, ge=2, description="accounts needed on one template in one bucket")
     sync_ratio: float = Field(5.0, gt=1, description="a synchronous cell exceeds the template's mean by this factor")
+    reference: list[str] = Field(
+        default_factory=list,
+        description="known-benign access logs (traffic you trust) that set the flag threshold; "
+        "without one, the accounts no significant artifact links (a held-out slice of this log) set it",
+    )
+    target_fpr: float = Field(
+        0.001,
+        gt=0,
+        lt=0.5,
+        description="benign false-positive rate the flag threshold is set for: the share of "
+        "reference accounts whose purpose score may exceed it",
+    )
+    reference_min_requests: int = Field(
+        10,
+        ge=1,
+        description="reference accounts with fewer requests are left out (community members are regular users)",
+    )
+    purpose_cap: float = Field(3.0, gt=0, description="each piece of evidence counts at most this many z units")
     signals: list[str] = Field(default_factory=lambda: list(SIGNALS), description="signals to use (see SIGNALS)")
     until: str | None = Field(None, description="only use events before this time (ISO-8601): replays detection")
     memory_limit: str = Field("8GB", description="DuckDB memory limit; it spills to disk beyond it")
@@ -282,7 +305,10 @@ ELICIT_RE = (
     r"(step[ -]by[ -]step|chain of thought|reasoning behind|intermediate step|show(ing)? (your|every|all) (work|step)"
     r"|think (through|carefully)|reason (through|about)|scratchpad|rubric|grade (the|this)|score (the|this|each)"
     r"|justify (every|each)|rewrite (the|this) (answer|response)|as if you had written"
-    r"|(complete|full|detailed|your) reasoning|reasoning trace|intermediate (reasoning|steps))"
+    r"|(complete|full|detailed|your) reasoning|reasoning trace|intermediate (reasoning|steps)"
+    # the same asks in a few other languages (a campaign need not write English)
+    r"|paso a paso|razonamiento|étape par étape|raisonnement|schritt für schritt|begründ|denkweg|passo dopo passo"
+    r"|ragionamento|passo a passo|raciocínio|逐步|一步一步|推理过程|思考过程|ステップバイステップ|段階的)"
 )
 ELICIT_COLUMN = {"elicit": f"regexp_matches(prompt, '{ELICIT_RE}', 'i')"}  # 'i': no lower-cased copy of each prompt
 # The prompt's head (first 12 words) is where a template lives; distinct heads are far fewer than prompts.
@@ -290,6 +316,16 @@ TEMPLATE_COLUMNS = {"head": "regexp_extract(prompt, '^\\S*(\\s+\\S+){0,11}')", "
 # IPv4 /24 or IPv6 /48: the block an operator rents or a NAT sits behind.
 IP_PREFIX_COLUMN = {"ip_prefix": "CASE WHEN contains(ip, ':') THEN array_to_string(string_split(ip, ':')[1:3], ':') "
                                   "ELSE regexp_extract(ip, '^(\\d+\\.\\d+\\.\\d+)\\.', 1) END"}  # fmt: skip
+
+
+# Payload shape of the prompt's last 100 characters (where the payload sits after an instruction): digits, code or
+# markup symbols, line breaks. A crude capability class (arithmetic, code, structured, prose) in any language.
+_TAIL = "right(prompt, 100)"
+SHAPE_COLUMN = {"shape": f"CASE WHEN prompt IS NULL OR prompt = '' THEN NULL ELSE "
+                         f"(length(regexp_replace({_TAIL}, '[^0-9]', '', 'g')) * 25 >= length({_TAIL}))::INTEGER "
+                         f"+ 2 * (length(regexp_replace({_TAIL}, '[^-=+*/<>(){{}}\\[\\];\"_#|]', '', 'g')) * 25 "
+                         f">= length({_TAIL}))::INTEGER + 4 * contains(prompt, chr(10))::INTEGER END"}  # fmt: skip
+REPEAT_COLUMN = {"ph": "hash(coalesce(prompt, prompt_hash))"}  # exact prompt identity, 8 bytes
 
 
 def _template(ctx: Ctx) -> None:
@@ -461,6 +497,36 @@ def _pivot(ctx: Ctx) -> np.ndarray:
     )
 
 
+def _coverage(ctx: Ctx) -> np.ndarray:
+    """Entropy (bits) of the account's payload shape classes: a campaign sweeps arithmetic, code, tool calls and text
+    through one wrapper; a batch job sends one kind of record, a person mostly prose. Shrunk for small accounts."""
+    h = ctx.per_account("""
+        WITH c AS (SELECT acct, shape, count(*) AS c FROM ev WHERE shape IS NOT NULL GROUP BY ALL),
+        p AS (SELECT acct, c, sum(c) OVER (PARTITION BY acct) AS n FROM c)
+        SELECT acct, -sum(c / n * log2(c / n)) * any_value(n) / (any_value(n) + 5) FROM p GROUP BY acct
+    """)  # fmt: skip
+    return np.maximum(h, 0.0)
+
+
+def _novelty(ctx: Ctx) -> np.ndarray:
+    """Share of the account's requests whose exact prompt occurs once in the whole log: an extractor wants new
+    answers; a benchmark re-run, a class pasting one assignment or a retried job asks the same thing again."""
+    rep = ctx.table("rep", "SELECT ph, count(*) AS c FROM ev WHERE ph IS NOT NULL GROUP BY ph")
+    return _share(ctx, ctx.per_account(f"SELECT acct, count(*) FILTER (WHERE r.c = 1) FROM ev JOIN {rep} r "
+                                       "USING (ph) GROUP BY acct"))  # fmt: skip
+
+
+def _long_outputs(ctx: Ctx) -> np.ndarray:
+    """Mean log completion length: reasoning traces are long, in any language; labels, tool calls and short answers
+    are not. Shrunk towards the typical account's mean."""
+    x = ctx.per_account("SELECT acct, sum(ln(1 + completion_tokens)) FROM ev WHERE completion_tokens IS NOT NULL "
+                        "GROUP BY acct")  # fmt: skip
+    k = ctx.per_account("SELECT acct, count(completion_tokens) FROM ev GROUP BY acct")
+    big = k >= 5
+    prior = float(np.median((x / np.maximum(k, 1))[big])) if big.any() else 0.0
+    return (x + 5 * prior) / (k + 5)
+
+
 def _sync_cells(ctx: Ctx) -> str:
     """Cells (template, time bucket) where many accounts act at once, well above that template's usual rate; table
     akb (k0, b, acct, c) holds requests per template, bucket and account, from which both signals read.
@@ -546,6 +612,12 @@ SIGNALS: dict[str, Signal] = {
     "logprobs": Signal(("logprobs_requested",), "account", "share of requests asking for logprobs",
                        lambda c: _share(c, _count(c, "logprobs_requested")),
                        {"logprobs_requested": "logprobs_requested"}),
+    "coverage": Signal(("prompt",), "account", "entropy of payload shape classes (capabilities swept)", _coverage,
+                       SHAPE_COLUMN),
+    "novelty": Signal(("prompt|prompt_hash",), "account", "share of requests whose exact prompt is sent once",
+                      _novelty, REPEAT_COLUMN),
+    "long_outputs": Signal(("completion_tokens",), "account", "mean log completion length (traces are long)",
+                           _long_outputs, {"completion_tokens": "completion_tokens"}),
     "pivot": Signal(("model",), "account", "traffic moved to a newly released model within 24 h", _pivot,
                     {"model": "model"}),
     "sync_share": Signal(("prompt|prompt_hash",), "account", "share of requests in synchronous template bursts",
@@ -624,16 +696,11 @@ def run(cfg: DetectConfig) -> dict:
     paths = _expand(cfg.logs)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    ref_paths = _expand(cfg.reference) if cfg.reference else []
     with tempfile.TemporaryDirectory(prefix="alambic-detect-", dir=out) as tmp:
-        # In-memory database: tables beyond `memory_limit` spill to `tmp` (out of core), and nothing pays for
-        # compressing and checkpointing a database file that is thrown away (4x faster to load 16M events).
-        con = duckdb.connect()
-        con.execute(f"SET memory_limit = '{cfg.memory_limit}'; SET temp_directory = '{tmp}'; SET TimeZone = 'UTC'; "
-                    "SET preserve_insertion_order = false; SET enable_progress_bar = false")  # fmt: skip
-        if cfg.threads:
-            con.execute(f"SET threads = {cfg.threads}")
+        con = _connect(cfg, tmp)
         try:
-            result = _detect(con, cfg, paths, out)
+            result = _detect(con, cfg, paths, out, ref_paths, tmp)
         finally:
             con.close()
     result["seconds"] = round(time.time() - t_start, 2)
@@ -642,7 +709,18 @@ def run(cfg: DetectConfig) -> dict:
     return result
 
 
-def _detect(con, cfg: DetectConfig, paths: list[Path], out: Path) -> dict:
+def _connect(cfg: DetectConfig, tmp: str) -> duckdb.DuckDBPyConnection:
+    # In-memory database: tables beyond `memory_limit` spill to `tmp` (out of core), and nothing pays for
+    # compressing and checkpointing a database file that is thrown away (4x faster to load 16M events).
+    con = duckdb.connect()
+    con.execute(f"SET memory_limit = '{cfg.memory_limit}'; SET temp_directory = '{tmp}'; SET TimeZone = 'UTC'; "
+                "SET preserve_insertion_order = false; SET enable_progress_bar = false")  # fmt: skip
+    if cfg.threads:
+        con.execute(f"SET threads = {cfg.threads}")
+    return con
+
+
+def _detect(con, cfg: DetectConfig, paths: list[Path], out: Path, ref_paths: list[Path], tmp: str) -> dict:
     until = None
     if cfg.until:
         until = con.execute(f"SELECT {_ts_expr(repr(cfg.until))}").fetchall()[0][0]
@@ -700,13 +778,126 @@ def _detect(con, cfg: DetectConfig, paths: list[Path], out: Path) -> dict:
     p_acct = ndtr(-z)
     camp = _campaigns(cfg, n, z, links)
     lap("campaigns")
+    purpose = {k: features[k] for k in PURPOSE if k in features}
+    ref = None
+    if ref_paths:
+        rcon = _connect(cfg, tmp)
+        try:
+            ref = _reference(rcon, cfg, ref_paths, list(purpose))
+        finally:
+            rcon.close()
+        lap("reference")
+    camp, calibration, appeals = _judge(cfg, camp, purpose, n_req, ref)
+    lap("judge")
 
     ids = con.sql("SELECT account_id FROM acc ORDER BY acct").to_arrow_table()["account_id"]
     first_last = {k: stats[k] for k in ("acct", "first", "last")}
-    summary = _write(cfg, out, ids, n_req, features, z, p_acct, camp, first_last, info, skipped, ctx.notes, con)
+    summary = _write(
+        cfg, out, ids, n_req, features, z, p_acct, camp, first_last, info, skipped, ctx.notes, calibration, appeals
+    )
     cfg.dump(out / "config.json")
     lap("write")
     return summary | {"stage_seconds": seconds}
+
+
+def _reference(con, cfg: DetectConfig, paths: list[Path], names: list[str]) -> dict:
+    """Purpose features of the accounts in a known-benign log (each with >= reference_min_requests requests)."""
+    info = load(con, paths, None, {k: v for s in names for k, v in SIGNALS[s].columns.items()})
+    if info["events"] == 0:
+        raise LogError(f"reference log(s) {[str(p) for p in paths]} hold no usable events; malformed: "
+                       f"{info['malformed']}")  # fmt: skip
+    con.execute("CREATE TEMP TABLE nacc AS SELECT acct, count(*) AS tot, min(t) AS first, max(t) AS last FROM ev "
+                "GROUP BY acct")  # fmt: skip
+    n_req = con.execute("SELECT tot FROM nacc ORDER BY acct").fetchnumpy()["tot"].astype(np.float64)
+    ctx = Ctx(con, len(n_req), cfg, set(info["present"]), info["t_min"], info["t_max"], n_req)
+    keep = n_req >= cfg.reference_min_requests
+    feats = {name: np.asarray(SIGNALS[name].fn(ctx), np.float64)[keep] for name in names
+             if not _available(SIGNALS[name], ctx.present)}  # fmt: skip
+    return {"features": feats, "source": "trusted log(s): " + ", ".join(str(p) for p in paths),
+            "lacks": [k for k in names if k not in feats], "events": info["events"]}  # fmt: skip
+
+
+def _judge(
+    cfg: DetectConfig, camp: Campaigns, purpose: dict[str, np.ndarray], n_req: np.ndarray, ref: dict | None
+) -> tuple[Campaigns, dict, list[dict]]:
+    """Coordination is not extraction: a community of linked accounts is flagged only when what its traffic is for
+    looks like extraction, judged against known-benign traffic; otherwise it is reported for review.
+
+    Each purpose feature becomes a robust z against the reference accounts (capped at +-purpose_cap, so one extreme
+    feature cannot carry an account alone, and a multi-turn, repetitive account can count against); their sum is the
+    account's purpose score. The threshold is the (1 - target_fpr) quantile of the reference accounts' scores, so the
+    share of benign accounts above it is an estimate from data, not a hope. A community is flagged when its median
+    member is above it: members of one job behave alike, so a benign community passes about as often as one benign
+    account does. The reference is a trusted log when given, else the accounts that no significant artifact links
+    (a held-out slice: campaigns are linked, so they are mostly left out of it)."""
+    n, cap = len(n_req), cfg.purpose_cap
+    if ref is None:
+        sel = (camp.linked == 0) & (n_req >= cfg.reference_min_requests)
+        ref = {"features": {k: x[sel] for k, x in purpose.items()}, "lacks": [],
+               "source": f"held-out slice: accounts with >= {cfg.reference_min_requests} requests that no significant "
+               "artifact links"}  # fmt: skip
+    feats = ref["features"]
+    zs, medians = {}, {}
+    ref_score = 0.0
+    for k, x in purpose.items():
+        r = feats.get(k)
+        if r is None or not len(r):
+            continue
+        medians[k] = float(np.median(r))
+        zs[k] = np.clip(robust_z(x, r), -cap, cap)
+        ref_score = ref_score + np.clip(robust_z(r, r), -cap, cap)
+    score = sum(zs.values()) if zs else np.zeros(n)
+    ref_score = np.atleast_1d(np.asarray(ref_score, np.float64))
+    n_ref = len(ref_score) if zs else 0
+    thr = float(np.quantile(ref_score, 1 - cfg.target_fpr, method="higher")) if n_ref else float("inf")
+    above = int((ref_score > thr).sum()) if n_ref else 0
+    from scipy.stats import beta
+
+    calibration = {
+        "reference": ref["source"], "reference_accounts": n_ref, "features": list(zs),
+        "features_missing_in_reference": ref["lacks"], "target_fpr": cfg.target_fpr, "threshold": round(thr, 4),
+        "reference_above": above, "expected_benign_fpr": round(above / max(1, n_ref), 6),
+        "expected_benign_fpr_upper95": round(float(beta.ppf(0.95, above + 1, max(1, n_ref - above))), 6),
+        "reference_too_small": bool(n_ref * cfg.target_fpr < 1),
+    }  # fmt: skip
+    label, flagged = np.full(n, -1), np.zeros(n, bool)
+    review, review_label = np.zeros(n, bool), np.full(n, -1)
+    kept, reviews = [], []
+    for c in camp.campaigns:
+        mem = c["members"]
+        c["purpose_median"] = round(float(np.median(score[mem])), 3)
+        if c["purpose_median"] > thr:
+            label[mem], flagged[mem] = len(kept), True
+            kept.append(c)
+        else:
+            review_label[mem], review[mem] = len(reviews), True
+            reviews.append(c)
+    evidence = [e + [f"purpose={score[i]:.1f} > {thr:.1f}"] if flagged[i] else [] for i, e in enumerate(camp.evidence)]
+    appeals = []
+    for i in np.flatnonzero(flagged | review):
+        rows = [
+            {
+                "evidence": k,
+                "kind": "purpose",
+                "value": round(float(purpose[k][i]), 4),
+                "reference_median": round(medians[k], 4),
+                "z": round(float(zs[k][i]), 3),
+            }
+            for k in zs
+        ]
+        rows += [{"evidence": kind, "kind": "link", "artifact": a["artifact"], "accounts": a["accounts"],
+                  "q": a["q"], "z": round(min(cap, a["stouffer_z"]), 3)}
+                 for kind, a in camp.links.get(int(i), {}).items()]  # fmt: skip
+        total = sum(abs(r["z"]) for r in rows) or 1.0
+        for r in rows:
+            r["share"] = round(r["z"] / total, 4)
+        rows.sort(key=lambda r: -abs(r["z"]))
+        appeals.append({"acct": int(i), "status": "flagged" if flagged[i] else "review",
+                        "group": int(label[i] if flagged[i] else review_label[i]), "purpose_score": round(float(
+                            score[i]), 3), "threshold": round(thr, 4), "evidence": rows})  # fmt: skip
+    out = Campaigns(label, flagged, camp.q_account, evidence, kept, camp.n_artifacts, camp.n_significant, camp.linked,
+                    camp.links, review, review_label, reviews, score)  # fmt: skip
+    return out, calibration, appeals
 
 
 def _account_z(cfg: DetectConfig, features: dict[str, np.ndarray]) -> np.ndarray:
@@ -735,6 +926,12 @@ class Campaigns:
     campaigns: list[dict]
     n_artifacts: int
     n_significant: int
+    linked: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per account: significant artifacts tying it
+    links: dict[int, dict[str, dict]] = field(default_factory=dict)  # community member -> link kind -> best artifact
+    review: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # linked, no extraction evidence
+    review_label: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # review group or -1
+    reviews: list[dict] = field(default_factory=list)
+    purpose_score: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
 def _campaigns(cfg: DetectConfig, n: int, z: np.ndarray, links: dict) -> Campaigns:
@@ -756,7 +953,7 @@ def _campaigns(cfg: DetectConfig, n: int, z: np.ndarray, links: dict) -> Campaig
         sig_of += [name] * len(uniq)
     if not names:
         empty = np.zeros(n, bool)
-        return Campaigns(np.full(n, -1), empty, np.ones(n), [[] for _ in range(n)], [], 0, 0)
+        return Campaigns(np.full(n, -1), empty, np.ones(n), [[] for _ in range(n)], [], 0, 0, np.zeros(n))
     r, c = np.concatenate(rows), np.concatenate(cols)
     m = sparse.csr_matrix((np.ones(len(r)), (r, c)), shape=(n, len(names)))
     m.data[:] = 1.0  # an account counts once per artifact
@@ -838,7 +1035,16 @@ def _campaigns(cfg: DetectConfig, n: int, z: np.ndarray, links: dict) -> Campaig
             for j in arts[np.argsort(q[arts])]
         ]  # fmt: skip
         cmp["q"] = float(q[arts].min()) if len(arts) else 1.0
-    return Campaigns(label, flagged, q_acc, evidence, campaigns, int(len(tested)), int(sig.sum()))
+    # Each community member's strongest artifact of each kind: the link half of its appeal view.
+    links: dict[int, dict[str, dict]] = {}
+    for i in np.flatnonzero(flagged):
+        own = sig_idx[ms.indices[ms.indptr[i] : ms.indptr[i + 1]]]
+        best_of: dict[str, dict] = {}
+        for j in own[np.argsort(q[own], kind="stable")]:
+            best_of.setdefault(sig_of[j], {"artifact": names[j].split(":", 1)[1], "accounts": int(df[j]),
+                                           "q": float(q[j]), "stouffer_z": float(stouffer[j])})  # fmt: skip
+        links[int(i)] = best_of
+    return Campaigns(label, flagged, q_acc, evidence, campaigns, int(len(tested)), int(sig.sum()), linked, links)
 
 
 SPLIT_LINKS = 16
@@ -901,7 +1107,22 @@ def split_community(m: sparse.csr_matrix, resolution: float, max_bridge: float) 
     return rank[label]
 
 
-def _write(cfg, out: Path, ids, n_req, features, z, p_acct, camp: Campaigns, first_last, info, skipped, notes, con):
+def _write(
+    cfg,
+    out: Path,
+    ids,
+    n_req,
+    features,
+    z,
+    p_acct,
+    camp: Campaigns,
+    first_last,
+    info,
+    skipped,
+    notes,
+    calibration: dict,
+    appeals: list[dict],
+):
     n = len(ids)
     cols = {"account_id": ids, "requests": pa.array(n_req.astype(np.int64))}
     cols |= {f"f_{k}": pa.array(np.round(v, 4)) for k, v in features.items()}
@@ -909,23 +1130,30 @@ def _write(cfg, out: Path, ids, n_req, features, z, p_acct, camp: Campaigns, fir
         "z": pa.array(np.round(z, 4)),
         "p_value": pa.array(p_acct),
         "q_value": pa.array(camp.q_account),
+        "purpose_score": pa.array(np.round(camp.purpose_score, 4)),
         "campaign": pa.array([f"C{c:03d}" if c >= 0 else None for c in camp.label], pa.string()),
         "flagged": pa.array(camp.flagged),
+        "review": pa.array(camp.review),
+        "review_group": pa.array([f"R{c:03d}" if c >= 0 else None for c in camp.review_label], pa.string()),
         "evidence": pa.array(["; ".join(e) for e in camp.evidence]),
         "first_seen": pa.array(_iso_all(first_last["first"])),
     }  # fmt: skip
     pq.write_table(pa.table(cols), out / "accounts.parquet")
     t_first, t_last = first_last["first"], first_last["last"]
-    campaigns = []
-    for i, c in enumerate(camp.campaigns):
+
+    def describe(c: dict, cid: str, status: str) -> dict:
         mem = c["members"]
         feats = {k: round(float(np.mean(v[mem])), 4) for k, v in features.items()}
         base = {k: round(float(np.median(v)), 4) for k, v in features.items()}
-        campaigns.append({
-            "id": f"C{i:03d}",
+        return {
+            "id": cid,
+            "status": status,
             "accounts": int(len(mem)),
             "exchanges": int(n_req[mem].sum()),
             "q_value": c["q"],
+            "purpose_score_median": c["purpose_median"],
+            "threshold": calibration["threshold"],
+            "link_kinds": sorted({r["signal"] for r in c["artifact_rows"]}),
             "first_seen": _iso(float(t_first[mem].min())),
             "last_seen": _iso(float(t_last[mem].max())),
             "mean_account_z": round(float(z[mem].mean()), 3),
@@ -934,14 +1162,28 @@ def _write(cfg, out: Path, ids, n_req, features, z, p_acct, camp: Campaigns, fir
             "evidence": c["artifact_rows"][:20],
             "n_artifacts": len(c["artifact_rows"]),
             "members": ids.take(mem).to_pylist(),
-        })  # fmt: skip
+        }  # fmt: skip
+
+    campaigns = [describe(c, f"C{i:03d}", "flagged") for i, c in enumerate(camp.campaigns)]
+    reviews = [describe(c, f"R{i:03d}", "review") for i, c in enumerate(camp.reviews)]
     (out / "campaigns.json").write_text(json.dumps(campaigns, indent=1) + "\n")
+    (out / "review.json").write_text(json.dumps(reviews, indent=1) + "\n")
+    id_list = ids.to_pylist() if appeals else []
+    with open(out / "appeals.jsonl", "w") as f:
+        for a in appeals:
+            a["account_id"] = id_list[a.pop("acct")]
+            a["group"] = ("C" if a["status"] == "flagged" else "R") + f"{a['group']:03d}"
+            f.write(json.dumps(a) + "\n")
     summary = {
         "events": info["events"],
         "accounts": n,
         "flagged_accounts": int(camp.flagged.sum()),
         "campaigns": len(campaigns),
         "campaign_sizes": [c["accounts"] for c in campaigns],
+        "review_accounts": int(camp.review.sum()),
+        "review_groups": len(reviews),
+        "review_sizes": [c["accounts"] for c in reviews],
+        "calibration": calibration,
         "artifacts_tested": camp.n_artifacts,
         "artifacts_significant": camp.n_significant,
         "signals_used": [s for s in cfg.signals if s not in skipped],
@@ -950,20 +1192,40 @@ def _write(cfg, out: Path, ids, n_req, features, z, p_acct, camp: Campaigns, fir
         "malformed": info["malformed"],
         "malformed_examples": info["examples"],
         "fields_present": info["present"],
-        "outputs": {k: str(out / k) for k in ("accounts.parquet", "campaigns.json", "report.md", "report.html")},
-    }
-    (out / "report.md").write_text(_report(summary, campaigns))
-    (out / "report.html").write_text(_report_html(summary, campaigns))
+        "outputs": {k: str(out / k) for k in ("accounts.parquet", "campaigns.json", "review.json", "appeals.jsonl",
+                                               "report.md", "report.html")},
+    }  # fmt: skip
+    (out / "report.md").write_text(_report(summary, campaigns, reviews))
+    (out / "report.html").write_text(_report_html(summary, campaigns, reviews, appeals))
     return summary
 
 
-def _report(s: dict, campaigns: list[dict]) -> str:
+def _calibration_text(c: dict) -> str:
+    """The operating point in one paragraph: where the threshold comes from and the benign FPR expected at it."""
+    small = (f" The reference is too small to resolve a rate of {c['target_fpr']:.2%} (it needs at least "
+             f"{int(np.ceil(1 / c['target_fpr'])):,} accounts); its highest score is the threshold.")  # fmt: skip
+    return (
+        f"Flag threshold: purpose score > {c['threshold']:.2f}, the {1 - c['target_fpr']:.3%} quantile of "
+        f"{c['reference_accounts']:,} reference accounts ({c['reference']}). {c['reference_above']:,} of them are "
+        f"above it: expected benign false-positive rate {c['expected_benign_fpr']:.3%} per account in a linked "
+        f"community (95% upper bound {c['expected_benign_fpr_upper95']:.3%}), and no more than that over all benign "
+        "accounts, since a community is flagged only when its median member is above the threshold."
+        + (small if c["reference_too_small"] else "")
+        + (f" Not in the reference, so not counted: {', '.join(c['features_missing_in_reference'])}."
+           if c["features_missing_in_reference"] else "")
+    )  # fmt: skip
+
+
+def _report(s: dict, campaigns: list[dict], reviews: list[dict]) -> str:
     lines = [
         "# Distillation campaigns found in API traffic",
         "",
         f"{s['events']:,} events from {s['accounts']:,} accounts; {s['flagged_accounts']:,} accounts flagged in "
         f"{s['campaigns']} campaign(s) ({s['artifacts_significant']:,} of {s['artifacts_tested']:,} shared artifacts "
-        "significant at the configured FDR).",
+        f"significant at the configured FDR); {s['review_accounts']:,} accounts in {s['review_groups']} linked "
+        "group(s) without extraction evidence, for review (not flagged).",
+        "",
+        _calibration_text(s["calibration"]),
         "",
         "## Campaigns",
         "",
@@ -974,6 +1236,14 @@ def _report(s: dict, campaigns: list[dict]) -> str:
         ev = ", ".join(f"{e['signal']} ({e['accounts']} accts, mean z {e['mean_z']})" for e in c["evidence"][:3])
         lines.append(f"| {c['id']} | {c['accounts']:,} | {c['exchanges']:,} | {c['q_value']:.2g} | "
                      f"{c['first_seen']} | {c['last_seen']} | {ev} |")  # fmt: skip
+    if reviews:
+        lines += ["", "## For review (coordination without extraction evidence; not flagged)", "",
+                  "| id | accounts | exchanges | link kinds | median purpose score | threshold |",
+                  "|---|---:|---:|---|---:|---:|"]  # fmt: skip
+        lines += [f"| {c['id']} | {c['accounts']:,} | {c['exchanges']:,} | {', '.join(c['link_kinds'])} | "
+                  f"{c['purpose_score_median']:.2f} | {c['threshold']:.2f} |" for c in reviews]  # fmt: skip
+    lines += ["", "Each flagged or reviewed account's evidence, with its share of the score: appeals.jsonl and the "
+              "appeal view in report.html."]  # fmt: skip
     lines += ["", "## Signals", "", "Used: " + ", ".join(s["signals_used"]) + ".", ""]
     if s["signals_skipped"]:
         lines += ["Skipped (the log lacks the fields they need):", ""]
@@ -1007,15 +1277,24 @@ details { margin: .4em 0; } summary { cursor: pointer; font-weight: 600; } code 
 <p>{{ "{:,}".format(s.events) }} events from {{ "{:,}".format(s.accounts) }} accounts;
 <b>{{ "{:,}".format(s.flagged_accounts) }}</b> accounts flagged in <b>{{ s.campaigns }}</b> campaign(s)
 ({{ "{:,}".format(s.artifacts_significant) }} of {{ "{:,}".format(s.artifacts_tested) }} shared artifacts significant
-at the configured FDR).</p>
+at the configured FDR); {{ "{:,}".format(s.review_accounts) }} accounts in {{ s.review_groups }} linked group(s)
+without extraction evidence, for review (not flagged).</p>
+<p>{{ calibration }}</p>
 <h2>Campaigns</h2>
 <table><tr><th>id</th><th>accounts</th><th>exchanges</th><th>q</th><th>first seen</th><th>last seen</th>
-<th>mean account z</th></tr>
+<th>mean account z</th><th>median purpose score</th></tr>
 {% for c in campaigns %}<tr><td><a href="#{{ c.id }}">{{ c.id }}</a></td>
 <td class="n">{{ "{:,}".format(c.accounts) }}</td><td class="n">{{ "{:,}".format(c.exchanges) }}</td>
 <td class="n">{{ "%.2g" % c.q_value }}</td><td>{{ c.first_seen }}</td><td>{{ c.last_seen }}</td>
-<td class="n">{{ c.mean_account_z }}</td></tr>
+<td class="n">{{ c.mean_account_z }}</td><td class="n">{{ c.purpose_score_median }}</td></tr>
 {% endfor %}</table>
+{% if reviews %}<h2>For review: coordination without extraction evidence (not flagged)</h2>
+<table><tr><th>id</th><th>accounts</th><th>exchanges</th><th>link kinds</th><th>median purpose score</th>
+<th>threshold</th></tr>
+{% for c in reviews %}<tr><td>{{ c.id }}</td><td class="n">{{ "{:,}".format(c.accounts) }}</td>
+<td class="n">{{ "{:,}".format(c.exchanges) }}</td><td>{{ c.link_kinds | join(", ") }}</td>
+<td class="n">{{ c.purpose_score_median }}</td><td class="n">{{ c.threshold }}</td></tr>
+{% endfor %}</table>{% endif %}
 {% for c in campaigns %}<details id="{{ c.id }}"{% if loop.first %} open{% endif %}><summary>{{ c.id }}:
 {{ "{:,}".format(c.accounts) }} accounts, {{ c.n_artifacts }} significant artifact(s)</summary>
 <table><tr><th>signal</th><th>artifact</th><th>accounts</th><th>mean z</th><th>Stouffer Z</th><th>q</th></tr>
@@ -1029,6 +1308,22 @@ at the configured FDR).</p>
 {% endfor %}</table>
 <p>Members (first 50): {% for m in c.members[:50] %}<code>{{ m }}</code> {% endfor %}</p></details>
 {% endfor %}
+{% if appeals %}<h2>Appeal view</h2>
+<p>Every flagged or reviewed account{% if n_appeals > appeals | length %} (the first {{ appeals | length }} of
+{{ "{:,}".format(n_appeals) }}; appeals.jsonl holds all){% endif %}: each piece of evidence in z units (purpose
+features against the reference, links by their artifact's Stouffer Z, each capped) and its share of the account's
+evidence; a negative share counts against extraction.</p>
+{% for a in appeals %}<details id="appeal-{{ a.account_id }}"><summary><code>{{ a.account_id }}</code>: {{ a.status }}
+({{ a.group }}), purpose score {{ a.purpose_score }} vs threshold {{ a.threshold }}</summary>
+<table><tr><th>evidence</th><th>kind</th><th>value / artifact</th><th>reference median / accounts</th><th>z</th>
+<th>share</th></tr>
+{% for e in a.evidence %}<tr><td>{{ e.evidence }}</td><td>{{ e.kind }}</td>
+<td>{% if e.kind == "link" %}<code>{{ e.artifact[:60] }}</code> (q {{ "%.2g" % e.q }})
+{%- else %}{{ e.value }}{% endif %}</td>
+<td class="n">{% if e.kind == "link" %}{{ e.accounts }}{% else %}{{ e.reference_median }}{% endif %}</td>
+<td class="n">{{ e.z }}</td><td class="n">{{ "%.0f%%" % (100 * e.share) }}</td></tr>
+{% endfor %}</table></details>
+{% endfor %}{% endif %}
 <h2>Signals</h2>
 <p>Used: {{ s.signals_used | join(", ") }}.</p>
 {% if s.signals_skipped %}<p>Skipped (the log lacks the fields they need):</p><ul>
@@ -1044,11 +1339,16 @@ one-sided Stouffer over their accounts; Benjamini-Hochberg across tested artifac
 """
 
 
-def _report_html(s: dict, campaigns: list[dict]) -> str:
+APPEALS_IN_HTML = 2000  # accounts with an appeal view in report.html; appeals.jsonl holds every one
+
+
+def _report_html(s: dict, campaigns: list[dict], reviews: list[dict], appeals: list[dict]) -> str:
     import jinja2
 
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
-    return env.from_string(REPORT_HTML).render(s=s, campaigns=campaigns)
+    return env.from_string(REPORT_HTML).render(s=s, campaigns=campaigns, reviews=reviews,
+                                               appeals=appeals[:APPEALS_IN_HTML], n_appeals=len(appeals),
+                                               calibration=_calibration_text(s["calibration"]))  # fmt: skip
 
 
 __all__ = ["SIGNALS", "DetectConfig", "LogError", "Signal", "bh", "load", "robust_z", "run"]

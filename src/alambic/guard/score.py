@@ -55,9 +55,17 @@ def ari(a: np.ndarray, b: np.ndarray) -> float:
     return float((s_ij - expected) / (top - expected)) if top != expected else 1.0
 
 
-def account_metrics(truth: np.ndarray, flagged: np.ndarray) -> dict:
+def account_metrics(truth: np.ndarray, flagged: np.ndarray, kind: np.ndarray | None = None) -> dict:
+    """Precision, recall, benign FPR; with `kind` (the benign population of each account: regular, pipeline, a
+    look-alike's name, ...) also the FPR of each benign population on its own."""
     bad = truth != "benign"
     tp, fp = int((flagged & bad).sum()), int((flagged & ~bad).sum())
+    by_kind = {}
+    if kind is not None:
+        for k in np.unique(kind[~bad]):
+            sel = ~bad & (kind == k)
+            by_kind[str(k)] = {"accounts": int(sel.sum()), "false_positives": int(flagged[sel].sum()),
+                               "fpr": round(float(flagged[sel].mean()), 5)}  # fmt: skip
     return {
         "precision": round(tp / max(1, tp + fp), 4),
         "recall": round(tp / max(1, bad.sum()), 4),
@@ -65,7 +73,7 @@ def account_metrics(truth: np.ndarray, flagged: np.ndarray) -> dict:
         "flagged": int(flagged.sum()),
         "false_positives": fp,
         "per_campaign_recall": {c: round(float(flagged[truth == c].mean()), 4) for c in np.unique(truth[bad])},
-    }
+    } | ({"benign_fpr_by_population": by_kind} if kind is not None else {})
 
 
 def campaign_metrics(truth: np.ndarray, pred: np.ndarray) -> dict:
@@ -132,19 +140,26 @@ def _prada_baseline(con, n: int, delta: float, max_q: int) -> np.ndarray:
 def run(cfg: ScoreConfig) -> dict:
     t0 = time.time()
     det_dir = Path(cfg.detected)
-    acc = pq.read_table(det_dir / "accounts.parquet", columns=["account_id", "flagged", "campaign"])
-    labels = {}
+    acc = pq.read_table(det_dir / "accounts.parquet")
+    labels, kinds = {}, {}
     with open(cfg.labels) as f:
         for line in f:
             if line.strip():
                 r = json.loads(line)
                 labels[r["account_id"]] = r["label"]
+                kinds[r["account_id"]] = r.get("kind") or r["label"]
     ids = acc["account_id"].to_pylist()
     # Accounts with no events in the log cannot be detected: they are left out of every denominator.
     truth = np.array([labels.get(a, "benign") for a in ids])
+    kind = np.array([kinds.get(a, "regular") for a in ids])
     flagged = np.asarray(acc["flagged"].to_numpy(zero_copy_only=False), bool)
     pred = np.array([c or "" for c in acc["campaign"].to_pylist()])
-    result = {"detector": account_metrics(truth, flagged) | campaign_metrics(truth, pred)}
+    result = {"detector": account_metrics(truth, flagged, kind) | campaign_metrics(truth, pred)}
+    if "review" in acc.column_names:  # linked without extraction evidence: for a person to look at, not flagged
+        review = np.asarray(acc["review"].to_numpy(zero_copy_only=False), bool)
+        benign = truth == "benign"
+        result["detector"]["for_review"] = {"accounts": int(review.sum()), "benign": int((review & benign).sum()),
+                                            "campaign": int((review & ~benign).sum())}  # fmt: skip
     if cfg.logs:
         con = duckdb.connect()
         con.execute("SET enable_progress_bar = false; SET TimeZone = 'UTC'")

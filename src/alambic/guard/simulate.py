@@ -55,12 +55,30 @@ class SimulateConfig(Config):
     jitter: float = Field(0.1, ge=0, le=1, description="evasion: share of campaign timing drawn from human rhythms")
     benign_mix: float = Field(0.0, ge=0, le=0.9, description="evasion: extra share of ordinary traffic mixed in")
     rotation: float = Field(0.0, ge=0, le=1, description="evasion: share of campaign accounts with their own IP/card")
+    lookalikes: list[str] = Field(
+        default_factory=list,
+        description="benign look-alike populations to add (see LOOKALIKES): batch_pipeline, "
+        "eval_harness, classroom, agent_framework; labelled benign, their kind named",
+    )
+    lookalike_seed: int | None = Field(
+        None,
+        description="seed of the look-alike populations (default: derived from seed); keep it apart from "
+        "the seeds a detector was tuned on",
+    )
     prompt_text: bool = Field(True, description="write prompt text; False writes only prompt_hash (text withheld)")
     campaign: list[str] = Field(
         default_factory=list,
         description="per-campaign settings NAME.FIELD=VALUE, e.g. low_slow.accounts=25000 or hydra.mix=0.7 (fields of "
         "Playbook; lists comma-separated)",
     )
+
+    @field_validator("lookalikes")
+    @classmethod
+    def _known_lookalikes(cls, v: list[str]) -> list[str]:
+        unknown = [x for x in v if x not in LOOKALIKES]
+        if unknown:
+            raise ValueError(f"unknown look-alike population(s) {unknown}; known: {', '.join(LOOKALIKES)}")
+        return v
 
     @field_validator("campaign")
     @classmethod
@@ -117,6 +135,7 @@ PLAYBOOKS: dict[str, Playbook] = {
 }  # fmt: skip
 
 BENIGN_ACCOUNTS = 200_000  # at scale 1
+PAYLOADS = 20_000  # prompts per skill that campaign templates are filled with
 
 
 def playbooks(settings: list[str]) -> dict[str, Playbook]:
@@ -461,6 +480,223 @@ def campaign(rng, name, pb, n_accounts, cfg, pieces, first_acct, benign_sampler)
     return ev
 
 
+# ---------------------------------------------------------------------------------------------------------- look-alikes
+
+
+@dataclass
+class Lookalike:
+    """A legitimate population whose accounts share templates, cards or timing: coordination without extraction.
+    Switched on with `lookalikes`; labelled benign (kind = its name) so `guard score` reports its false-positive rate
+    on its own. Sizes at scale 1."""
+
+    groups: int  # organisations (classes, labs, products) at scale 1
+    min_groups: int  # floor when scaled down
+    size: tuple[int, int]  # accounts per group, drawn from [lo, hi)
+    doc: str
+
+
+LOOKALIKES: dict[str, Lookalike] = {
+    "batch_pipeline": Lookalike(400, 10, (5, 21), "one organisation's batch job over several accounts: one task "
+                                "wording, high volume, machine-regular, 24/7, single-turn, shared card and office"),
+    "eval_harness": Lookalike(160, 6, (4, 13), "one benchmark run through many keys: fixed items in their task "
+                              "formats, repeated per run in bursts, temperature 0; some runs use CoT or logprobs"),
+    "classroom": Lookalike(400, 8, (15, 41), "one class: many students' accounts pasting one assignment, "
+                           "follow-up questions, a burst before the deadline"),
+    "agent_framework": Lookalike(200, 6, (4, 13), "one product's agent runs over several accounts: one wrapper "
+                                 "prompt, multi-turn episodes feeding tool results back, high volume"),
+}  # fmt: skip
+
+BATCH_TASKS = [
+    "Classify this support ticket as billing, bug, feature request or other. Reply with the label only. Ticket {n}:",
+    "Extract the vendor name, invoice date and total amount as JSON from the following invoice (id {n}):",
+    "Translate this product description into German, keeping the brand names. SKU {n}:",
+    "Summarise the customer call below in three short bullet points for the CRM. Call {n}:",
+    "Rate the sentiment of this app store review from 1 to 5. Review {n}:",
+    "Rewrite this job posting in plain, inclusive language. Posting {n}:",
+    "Detect whether the message below is spam. Answer yes or no. Message {n}:",
+    "Normalise this postal address into street, city, postcode and country fields. Record {n}:",
+]
+EVAL_FORMATS = {
+    "mc": "The following is a multiple choice question about {subj}.\n\n{q}?\nA. {a}\nB. {b}\nC. {c}\nD. {d}\nAnswer:",
+    "math": "Question: {name} has {x} {thing} and gets {y} more each day for {z} days. How many {thing} does "
+    "{name} have in the end?\nAnswer:",
+    "code": 'Complete the following Python function.\n\ndef {fn}(xs):\n    """Return the {op} of the list xs."""\n',
+    "reading": "Passage: {p}\n\nQuestion: what is the passage mainly about? Answer in a few words.",
+}
+EVAL_SUBJECTS = ["high school biology", "world history", "college physics", "econometrics", "moral disputes",
+                 "computer security", "nutrition", "formal logic", "astronomy", "marketing"]  # fmt: skip
+NAMES = ["Ana", "Bo", "Chen", "Dara", "Emeka", "Farah", "Goran", "Hana", "Ivo", "Jun"]
+THINGS = ["apples", "stamps", "marbles", "books", "coins", "shells"]
+CODE_OPS = ["sum", "maximum", "number of even items", "reversed copy", "sorted copy", "product"]
+COURSES = ["Biology 101", "Intro to Economics", "Calculus I", "European History", "Organic Chemistry",
+           "Statistics 200", "Data Structures", "Microeconomics"]  # fmt: skip
+STUDENT_OPENERS = ["", "", "Help me with this: ", "I don't understand this question: ", "Can you check my answer? ",
+                   "hi, ", "For my homework: ", "Pls explain: "]  # fmt: skip
+AGENT_WRAPPERS = [
+    "You are a helpful assistant with access to tools. Answer the user's request, calling tools when needed. "
+    "Think step by step about which tool to use. User request:",
+    "Respond with either a tool call or a final answer. Available tools: search, calendar, email, crm_lookup. Request:",
+    "You are the ops copilot. Use the tools to complete the ticket, then report back. Ticket:",
+]
+AGENT_OBSERVATIONS = [
+    'Tool result: {"status": "ok", "results": {n}}', 'Tool result: {"events": [], "next_free_slot": "{n}:00"}',
+    'Tool result: {"error": "not found", "code": {n}}', "Tool result: email sent (id {n}).",
+    'Tool result: {"customer": "N", "open_tickets": {n}, "tier": "gold"}',
+]  # fmt: skip
+
+
+def lookalikes(rng, names: list[str], cfg, pieces: Pieces, first: int) -> tuple[Events | None, list, list[dict]]:
+    """Events of the switched-on look-alike populations (accounts numbered from `first`), their kinds (one per
+    account) and per-population infrastructure for `_accounts`."""
+    parts, kinds, infra = [], [], []
+    for name in names:
+        la = LOOKALIKES[name]
+        n_groups = max(la.min_groups, int(round(la.groups * cfg.scale)))
+        size = rng.integers(*la.size, n_groups)
+        group = np.repeat(np.arange(n_groups), size)
+        ev, extra = LOOKALIKE_EVENTS[name](rng, group, cfg, pieces)
+        ev.acct = ev.acct + first
+        parts.append(ev)
+        kinds += [name] * len(group)
+        infra.append({"idx": np.arange(first, first + len(group)), "group": group, **extra})
+        first += len(group)
+    return (_concat(parts) if parts else None), kinds, infra
+
+
+def _steady(rng, n_per: np.ndarray, start: np.ndarray, end: float) -> tuple[np.ndarray, np.ndarray]:
+    """(account, time) for machine-paced accounts: evenly spaced requests with a little jitter."""
+    acct = np.repeat(np.arange(len(n_per)), n_per)
+    pos = np.arange(len(acct)) - np.repeat(np.cumsum(n_per) - n_per, n_per)
+    span = end - start[acct]
+    t = start[acct] + (pos + rng.uniform(0, 0.3, len(acct))) / np.maximum(n_per[acct], 1) * span
+    return acct, t
+
+
+def _batch_events(rng, group, cfg, pieces) -> tuple[Events, dict]:
+    k, n_groups = len(group), group.max() + 1
+    words = np.array(pieces.vocab)[rng.integers(0, len(pieces.vocab), (n_groups, 2))]
+    task_of = rng.integers(0, len(BATCH_TASKS), (n_groups, 2))
+    two = rng.random(n_groups) < 0.3  # some jobs run two tasks
+    heads = pieces.add(
+        [f"[{' '.join(w)}] {BATCH_TASKS[t]} " for w, t in zip(words.tolist(), task_of[:, 0], strict=True)]
+        + [f"[{' '.join(w)}] {BATCH_TASKS[t]} " for w, t in zip(words.tolist(), task_of[:, 1], strict=True)]
+    )
+    rate = np.exp(rng.normal(np.log(150), 0.5, n_groups))[group]  # the job's pace, shared by its accounts
+    start = np.where(rng.random(n_groups) < 0.5, 0.0, rng.random(n_groups) * cfg.days * 0.3 * DAY)[group]
+    n_per = rng.poisson(rate * (cfg.days * DAY - start) / DAY)
+    acct, t = _steady(rng, n_per, start, cfg.days * DAY)
+    m = len(acct)
+    g = group[acct]
+    which = np.where(two[g] & (rng.random(m) < 0.5), n_groups + g, g)
+    ev = Events(t=t, acct=acct, head=heads[which], body=pieces.detail_ids[rng.integers(0, len(pieces.detail_ids), m)],
+                tail=np.zeros(m, np.int64), num=rng.integers(100000, 999999, m), n_messages=np.ones(m, np.int64),
+                model=np.zeros(m, np.int64), elicit=np.zeros(m, bool))  # fmt: skip
+    return ev, {"card": True, "office": True, "sysp": True, "ua": "python-requests/2.32.3", "temperature": 0.0,
+                "max_tokens": 512, "logprobs": np.zeros(k, bool)}  # fmt: skip
+
+
+def _eval_items(rng, task: str, n: int, cot: bool, vocab: list[str]) -> list[str]:
+    out = []
+    for _ in range(n):
+        w = rng.choice(vocab, 12).tolist()
+        fill = {"subj": rng.choice(EVAL_SUBJECTS), "q": "Which of the following best describes " + " ".join(w[:4]),
+                "a": w[4], "b": w[5], "c": w[6], "d": w[7], "name": rng.choice(NAMES), "thing": rng.choice(THINGS),
+                "x": rng.integers(2, 90), "y": rng.integers(2, 20), "z": rng.integers(2, 12),
+                "fn": "_".join(w[8:10]), "op": rng.choice(CODE_OPS), "p": " ".join(rng.choice(vocab, 40))}  # fmt: skip
+        text = EVAL_FORMATS[task].format(**fill)
+        out.append(text + (" Let's think step by step." if cot and task == "math" else ""))
+    return out
+
+
+def _eval_events(rng, group, cfg, pieces) -> tuple[Events, dict]:
+    n_groups = group.max() + 1
+    parts = []
+    members = [np.flatnonzero(group == gi) for gi in range(n_groups)]
+    cot = rng.random(n_groups) < 0.4  # chain-of-thought evaluation of the math task
+    logp = rng.random(n_groups) < 0.3  # multiple-choice scoring from logprobs
+    for gi in range(n_groups):
+        tasks = rng.choice(list(EVAL_FORMATS), int(rng.integers(2, 5)), replace=False)
+        items = np.concatenate([pieces.add(_eval_items(rng, str(tk), int(rng.integers(100, 300)), cot[gi],
+                                                       pieces.vocab)) for tk in tasks])  # fmt: skip
+        long = np.array([pieces.text[i].endswith("step by step.") for i in items])
+        for _ in range(int(rng.integers(2, 7))):  # runs: one per checkpoint or setting, each the whole benchmark
+            t0, dur = rng.random() * (cfg.days - 0.3) * DAY, rng.uniform(1, 4) * 3600
+            m = len(items)
+            parts.append(Events(
+                t=t0 + np.sort(rng.random(m)) * dur, acct=members[gi][np.arange(m) % len(members[gi])],
+                head=items, body=np.zeros(m, np.int64),
+                tail=np.zeros(m, np.int64), num=np.full(m, -1), n_messages=np.ones(m, np.int64),
+                model=np.zeros(m, np.int64), elicit=long,
+            ))  # fmt: skip
+    return _concat(parts), {"card": True, "office": True, "sysp": False, "ua": "lm-eval/0.4.5 openai-python/1.54.3",
+                            "temperature": 0.0, "max_tokens": 256, "logprobs": logp[group]}  # fmt: skip
+
+
+def _classroom_events(rng, group, cfg, pieces) -> tuple[Events, dict]:
+    k, n_groups = len(group), group.max() + 1
+    questions = [pieces.add([f"{rng.choice(COURSES)}, homework {int(rng.integers(1, 9))}, question {q + 1}: "
+                             + " ".join(rng.choice(pieces.vocab, int(rng.integers(10, 25))).tolist()) + "?"
+                             for q in range(int(rng.integers(3, 9)))]) for _ in range(n_groups)]  # fmt: skip
+    openers = pieces.add(STUDENT_OPENERS)
+    deadline = rng.uniform(1.5, cfg.days, n_groups) * DAY
+    n_first = rng.poisson(rng.uniform(4, 20, k))
+    acct = np.repeat(np.arange(k), n_first)
+    m = len(acct)
+    g = group[acct]
+    # Most of the work in the 36 hours before the deadline, at human hours; the rest over the week before.
+    phase = rng.integers(-3, 9, k)[acct]
+    burst = rng.random(m) < 0.8
+    lo = np.where(burst, deadline[g] - 1.5 * DAY, 0.0).clip(0)
+    t = _human_times(rng, m, phase, lo, deadline[g])
+    q = np.array([questions[gi][int(rng.integers(0, len(questions[gi])))] for gi in g], np.int64)
+    head = openers[rng.integers(0, len(openers), m)]
+    cot_tail = pieces.add([" Explain step by step.", " Show the working please.", ""])
+    tail = np.where(rng.random(m) < 0.35, cot_tail[rng.integers(0, 2, m)], 0)
+    turns = rng.geometric(0.45, m)  # the question, then follow-ups in the same conversation
+    sid = np.repeat(np.arange(m), turns)
+    pos = np.arange(len(sid)) - np.repeat(np.cumsum(turns) - turns, turns)
+    follow = pos > 0
+    ts = t[sid] + pos * rng.exponential(150, len(sid))  # follow-ups minutes apart
+    fh = pieces.follow_ids[rng.integers(0, len(pieces.follow_ids), len(sid))]
+    ev = Events(t=np.minimum(ts, cfg.days * DAY - 1), acct=acct[sid], head=np.where(follow, fh, head[sid]),
+                body=np.where(follow, 0, q[sid]), tail=np.where(follow, 0, tail[sid]),
+                num=rng.integers(2, 50, len(sid)), n_messages=1 + 2 * pos, model=np.zeros(len(sid), np.int64),
+                elicit=~follow & (tail[sid] > 0))  # fmt: skip
+    return ev, {"card": False, "office": True, "sysp": False, "ua": None, "temperature": None, "max_tokens": None,
+                "logprobs": np.zeros(k, bool)}  # fmt: skip
+
+
+def _agent_events(rng, group, cfg, pieces) -> tuple[Events, dict]:
+    k, n_groups = len(group), group.max() + 1
+    wrappers = pieces.add([w + " " for w in AGENT_WRAPPERS])
+    wrap = wrappers[rng.integers(0, len(wrappers), n_groups)]
+    obs = pieces.add(AGENT_OBSERVATIONS)
+    n_ep = rng.poisson(np.exp(rng.normal(np.log(50), 0.5, n_groups))[group] * cfg.days)  # episodes per account
+    acct = np.repeat(np.arange(k), n_ep)
+    m = len(acct)
+    phase = rng.integers(-3, 9, n_groups)[group][acct]
+    t = _human_times(rng, m, phase, np.zeros(m), np.full(m, cfg.days * DAY))  # end users drive the episodes
+    topic = rng.integers(0, len(pieces.topic_ids), m)
+    heads, bodies = pieces.topic_ids[topic, 0], pieces.topic_ids[topic, 1]
+    req_head = heads[:, 0] + (rng.random(m) * heads[:, 1]).astype(np.int64)
+    req_body = bodies[:, 0] + (rng.random(m) * bodies[:, 1]).astype(np.int64)
+    steps = rng.integers(2, 9, m)  # request, then a tool result fed back after each call
+    sid = np.repeat(np.arange(m), steps)
+    pos = np.arange(len(sid)) - np.repeat(np.cumsum(steps) - steps, steps)
+    first_step = pos == 0
+    ev = Events(t=np.minimum(t[sid] + pos * rng.uniform(2, 20, len(sid)), cfg.days * DAY - 1), acct=acct[sid],
+                head=np.where(first_step, wrap[group[acct[sid]]], obs[rng.integers(0, len(obs), len(sid))]),
+                body=np.where(first_step, req_head[sid], 0), tail=np.where(first_step, req_body[sid], 0),
+                num=rng.integers(1, 40, len(sid)), n_messages=2 + 2 * pos, model=np.zeros(len(sid), np.int64),
+                elicit=np.zeros(len(sid), bool))  # fmt: skip
+    return ev, {"card": True, "office": False, "sysp": True, "ua": "langchain/0.3.7", "temperature": 0.2,
+                "max_tokens": 1024, "logprobs": np.zeros(k, bool)}  # fmt: skip
+
+
+LOOKALIKE_EVENTS = {"batch_pipeline": _batch_events, "eval_harness": _eval_events, "classroom": _classroom_events,
+                    "agent_framework": _agent_events}  # fmt: skip
+
+
 def build_pieces(rng, cfg, books: dict[str, Playbook]) -> Pieces:
     """All prompt fragments: benign openers/subjects/tails, pipeline tasks, campaign template paraphrases, payloads."""
     from ..tasks import SKILLS
@@ -483,6 +719,7 @@ def build_pieces(rng, cfg, books: dict[str, Playbook]) -> Pieces:
         ends = np.array(tails)[rng.integers(0, len(tails), k)]
         return [" about " + " ".join(w[:n]) + e for w, n, e in zip(words.tolist(), lens, ends, strict=True)]
 
+    p.vocab = vocab
     p.detail_ids = p.add(details(40_000, plain_tails))
     p.cot_detail_ids = p.add(details(5_000, cot_tails))
     p.follow_ids = p.add(FOLLOW_UPS)
@@ -499,8 +736,10 @@ def build_pieces(rng, cfg, books: dict[str, Playbook]) -> Pieces:
             for fam in pb.templates
             for tpl in TEMPLATES[fam]
         ]
+    # Many payloads per skill: a campaign wants new answers, so at 16M events it must not repeat a few hundred prompts
+    # (the detector counts exact repeats as answers not harvested).
     p.payloads = {
-        name: p.add([ex.prompt.replace("\n", " ") for ex in skill.generate(600, "train", cfg.seed)])
+        name: p.add([ex.prompt.replace("\n", " ") for ex in skill.generate(PAYLOADS, "train", cfg.seed)])
         for name, skill in SKILLS.items()
     }
     return p
@@ -559,9 +798,17 @@ def run(cfg: SimulateConfig) -> dict:
         kinds += [name] * n_acc
         camp_sizes[name] = n_acc
         first += n_acc
+    # Look-alikes draw from their own stream, so switching them on leaves the rest of the simulation as it was.
+    look_rng = np.random.default_rng(cfg.lookalike_seed if cfg.lookalike_seed is not None else [cfg.seed, 16])
+    ev_l, kinds_l, looks = lookalikes(look_rng, cfg.lookalikes, cfg, pieces, first)
+    if ev_l is not None:
+        parts.append(ev_l)
+    labels += ["benign"] * len(kinds_l)
+    kinds += kinds_l
+    first += len(kinds_l)
     ev = _concat(parts)
     n_acc_total = first
-    acct_attr = _accounts(rng, cfg, n_benign, info, labels, books)
+    acct_attr = _accounts(rng, cfg, n_benign, info, labels, books, looks)
 
     order = np.argsort(ev.t, kind="stable")
     for f in Events.__dataclass_fields__:
@@ -597,6 +844,7 @@ def run(cfg: SimulateConfig) -> dict:
         "events": int(n_events),
         "accounts": int(n_acc_total),
         "benign_accounts": int(n_benign),
+        "lookalike_accounts": {k: kinds_l.count(k) for k in cfg.lookalikes},
         "campaign_accounts": camp_sizes,
         "campaign_events": {
             name: int(np.isin(ev.acct, [i for i, lab in enumerate(labels) if lab == name]).sum()) for name in camp_sizes
@@ -615,7 +863,7 @@ def _ids(rng, n_acc) -> dict[str, list[str]]:
     return {"account": [f"acct_{x:010x}" for x in acc]}
 
 
-def _accounts(rng, cfg, n_benign, info, labels, books: dict[str, Playbook]) -> dict[str, np.ndarray | list]:
+def _accounts(rng, cfg, n_benign, info, labels, books: dict[str, Playbook], looks: list[dict] = ()) -> dict:
     """Per-account infrastructure: payment fingerprint, IP prefix pool, user agent, system prompt, keys, params."""
     n = len(labels)
     lab = np.array(labels)
@@ -688,6 +936,21 @@ def _accounts(rng, cfg, n_benign, info, labels, books: dict[str, Playbook]) -> d
         pay[idx[rot]] = 4 * n + idx[rot]
         ip_prefix[idx[rot]] = base_res + rng.integers(0, n_res, rot.sum())
         ip_spread[idx[rot]] = 1
+    for l_no, la in enumerate(looks):  # each group: its organisation's card, office prefix, system prompt, client
+        idx, group = la["idx"], la["group"]
+        if la["card"]:
+            pay[idx] = 5 * n + l_no * 10**6 + group
+        if la["office"]:
+            ip_prefix[idx] = next_dc + group
+            ip_spread[idx] = 1
+            next_dc += int(group.max()) + 1
+        sysp[idx] = 40_000 + l_no * 10**4 + group if la["sysp"] else -1
+        if la["ua"]:
+            for i in idx:
+                ua[i] = la["ua"]
+        if la["temperature"] is not None:
+            temp[idx], max_tok[idx] = la["temperature"], la["max_tokens"]
+        logp[idx] = la["logprobs"]
     prefixes = [f"{(10 + i // 65536) % 223 + 1}.{(i // 256) % 256}.{i % 256}" for i in range(next_dc + 10)]
     return {
         "pay": pay, "ip_prefix": ip_prefix, "ip_spread": ip_spread, "prefixes": prefixes, "ua": ua, "sysp": sysp,
