@@ -6,10 +6,10 @@ through several API keys with `alambic collect` (cached: a re-run pays for nothi
 `guard detect` find that collection among simulated benign users? → train a student of 1/4 of the teacher's
 parameters on the collected top-k logprobs (`alambic train`; by default pruned from the teacher, Minitron-style, as
 a provider makes its own cheaper model; `--student preset:tiny` is the outside distiller's from-scratch path;
-reused on a re-run when data and settings are the same) → `alambic evaluate` student beside teacher → the watermark's evidence (on by default: the API above served
-every completion with a green-list watermark under a key made for the run; a control student is distilled the same
-way from a small collection of the unwatermarked teacher; `guard provenance` tests both students for the key) →
-`alambic report`.
+reused on a re-run when data and settings are the same) → `alambic evaluate` student beside teacher → the
+watermark's evidence (on by default: the API above served every completion with a green-list watermark under a key
+made for the run; a control student is distilled the same way from a small collection of the unwatermarked
+teacher; `guard provenance` tests both students for the key) → `alambic report`.
 """
 
 from __future__ import annotations

@@ -206,8 +206,9 @@ def shape_for_ratio(cfg, ratio: float, layers: int | None = None) -> Shape:
     if count_params(cfg, best) > ratio * full:
         raise ValueError(f"no shape of this model reaches --ratio {ratio}; raise it or give explicit sizes")
     # Rounding hidden and heads leaves budget unused: the MLP (the finest axis) takes what is left.
-    while best.mlp + 8 <= cfg.intermediate_size and count_params(cfg, Shape(**{**asdict(best), "mlp": best.mlp + 8})) <= ratio * full:
-        best = Shape(**{**asdict(best), "mlp": best.mlp + 8})
+    wider = Shape(**{**asdict(best), "mlp": best.mlp + 8})
+    while wider.mlp <= cfg.intermediate_size and count_params(cfg, wider) <= ratio * full:
+        best, wider = wider, Shape(**{**asdict(wider), "mlp": wider.mlp + 8})
     return best
 
 

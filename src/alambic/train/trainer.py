@@ -401,7 +401,8 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> dic
 
     if cfg.packing:  # fails on a model class that lets packed examples attend to each other
         for m in (model, teacher) if teacher is not None else (model,):
-            log.info("packing isolation of %s: max |logit diff| %.2g", type(m).__name__, D.check_isolation(m, train_ex, pad))
+            diff = D.check_isolation(m, train_ex, pad)
+            log.info("packing isolation of %s: max |logit diff| %.2g", type(m).__name__, diff)
     if cfg.lora_r:
         model = lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     model.train()
