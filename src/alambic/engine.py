@@ -96,6 +96,9 @@ class Row:
         self.stream = TextStream(tokenizer)
         self.ids: list[int] = []  # generated tokens (EOS excluded)
         self.logprobs: list[tuple[int, float, list[tuple[int, float]]]] = []  # (token, logprob, top-k)
+        # The EOS that ended the row, as a logprob entry: not part of the text, but scorers need it (the legacy
+        # completions route reports it, as OpenAI and vLLM do: lm_eval reads "prompt + exactly one new token").
+        self.eos_logprob: tuple[int, float, list[tuple[int, float]]] | None = None
         self.offsets: list[int] = []  # where each generated token's text starts in `text`
         self.text = ""
         self.finish: str | None = None  # "eos" | "stop" | "length"
@@ -114,6 +117,8 @@ class Row:
         if token in eos and len(self.ids) >= s.min_new_tokens:
             self.text += self.stream.flush()
             self.finish = "eos"
+            if lp is not None:
+                self.eos_logprob = (token, *lp)
         else:
             self.offsets.append(len(self.text))
             self.ids.append(token)
@@ -177,6 +182,7 @@ class Job:
         n: int = 1,
         stream: bool = False,
         prompt_logprobs: int | None = None,
+        queue: asyncio.Queue | None = None,
     ) -> None:
         self.prompt_ids = prompt_ids
         self.sampling = sampling
@@ -187,7 +193,9 @@ class Job:
         self.rows: list[Row] = []
         self.cancelled = False  # set by the event loop when the client goes away
         self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue = asyncio.Queue()
+        # Jobs of one request (a list of prompts) share one queue, so that their events arrive in the order they
+        # happen: see `events_of`.
+        self.queue: asyncio.Queue = asyncio.Queue() if queue is None else queue
 
     def emit(self, event: tuple) -> None:
         with contextlib.suppress(RuntimeError):  # the event loop closed: nobody is waiting any more
@@ -199,20 +207,34 @@ class Job:
 
     async def wait(self) -> list[Row]:
         """Wait until every row is done (non-streaming requests)."""
-        async for _ in self.events():
-            pass
+        await wait_all([self])
         return self.rows
 
-    async def events(self) -> AsyncIterator[tuple]:
+    def events(self) -> AsyncIterator[tuple]:
         """Yield ("delta", row, text, logprobs, offsets) and ("done", row) events until every row is done."""
-        remaining = self.n
-        while remaining:
-            event = await self.queue.get()
-            if event[0] == "error":
-                raise GenerationError(event[1])
-            if event[0] == "done":
-                remaining -= 1
-            yield event
+        return events_of([self])
+
+
+async def events_of(jobs: list[Job]) -> AsyncIterator[tuple]:
+    """The events of jobs that share one queue, as they happen, until every row of every job is done (`row.job`
+    says whose). A failed job raises GenerationError; the caller cancels the others."""
+    queue = jobs[0].queue
+    if any(j.queue is not queue for j in jobs):
+        raise ValueError("events_of needs jobs created with one shared queue")
+    remaining = sum(j.n for j in jobs)
+    while remaining:
+        event = await queue.get()
+        if event[0] == "error":
+            raise GenerationError(event[1])
+        if event[0] == "done":
+            remaining -= 1
+        yield event
+
+
+async def wait_all(jobs: list[Job]) -> None:
+    """Wait until every row of these jobs (sharing one queue) is done."""
+    async for _ in events_of(jobs):
+        pass
 
 
 class Engine:

@@ -32,11 +32,11 @@ import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .config import Config
-from .engine import Engine, GenerationError, Job, Row, Sampling, TextStream, TokenText
+from .engine import Engine, GenerationError, Job, Row, Sampling, TextStream, TokenText, events_of, wait_all
 from .modeling import load, model_name
 from .records import AccessEvent, utc_now
 
@@ -233,10 +233,42 @@ class ChatRequest(OpenAISampling):
 
 
 class CompletionRequest(OpenAISampling):
-    prompt: str | list[int]
+    # OpenAI's four shapes: a string, a list of token ids, or a list of either (several prompts in one request).
+    prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = Field(16, ge=0)  # OpenAI's default for this legacy route
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_of_four_shapes(cls, v: Any) -> Any:  # one clear message rather than one per shape it is not
+        def ids(x: Any) -> bool:
+            return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+        many = isinstance(v, list) and (all(isinstance(p, str) for p in v) or all(ids(p) for p in v))
+        if isinstance(v, str) or ids(v) or many:
+            return v
+        raise ValueError("must be a string, a list of strings, a list of token ids or a list of lists of token ids")
+
+
+class TokenizeRequest(_Lenient):
+    """vLLM's POST /tokenize: either `prompt` (text as /v1/completions takes it) or `messages` (chat, rendered by
+    the model's template as /v1/chat/completions renders it)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool | None = None  # default: True for `prompt`, False for `messages` (as vLLM)
+    add_generation_prompt: bool | None = None  # default: unless continue_final_message
+    continue_final_message: bool = False
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Lenient):
+    """vLLM's POST /detokenize."""
+
+    model: str | None = None
+    tokens: list[int]
 
 
 class TextBlock(_Lenient):
@@ -446,11 +478,13 @@ class Service:
         event.max_tokens = want
         return want
 
-    def render_chat(self, messages: list[dict[str, str]], continue_final: bool = False) -> list[int]:
+    def render_chat(
+        self, messages: list[dict[str, str]], continue_final: bool = False, add_generation_prompt: bool | None = None
+    ) -> list[int]:
         try:
             text = self.tokenizer.apply_chat_template(
                 messages,
-                add_generation_prompt=not continue_final,
+                add_generation_prompt=not continue_final if add_generation_prompt is None else add_generation_prompt,
                 continue_final_message=continue_final,
                 tokenize=False,
             )
@@ -475,6 +509,7 @@ class Service:
         n: int = 1,
         stream: bool = False,
         prompt_logprobs: int | None = None,
+        queue: asyncio.Queue | None = None,
     ) -> Job:
         """Hand a generation job to the engine; unset sampling options get OpenAI's defaults."""
         sampling = Sampling(
@@ -487,12 +522,18 @@ class Service:
             logprobs=logprobs,
             seed=seed,
         )
-        job = Job(prompt, sampling, n=n, stream=stream, prompt_logprobs=prompt_logprobs)
+        job = Job(prompt, sampling, n=n, stream=stream, prompt_logprobs=prompt_logprobs, queue=queue)
         try:
             self.engine.submit(job)
         except GenerationError as e:
             raise ApiError(503, str(e)) from None
         return job
+
+    def check_ids(self, ids: list[int], param: str) -> None:
+        vocab = len(self.tokenizer)
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ApiError(400, f"{param}: token ids must lie in [0, {vocab}); got {bad[:5]}", param=param)
 
     def logprob_entry(self, token: int, logprob: float, top: list[tuple[int, float]]) -> dict[str, Any]:
         entry = self.token_text.entry(token, logprob)
@@ -602,6 +643,25 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         route = lambda r, e: _messages(svc, r, e)  # noqa: E731
         return await _handle(svc, request, "/v1/messages", MessagesRequest, route, style="anthropic")
 
+    # vLLM's tokenizer routes, at the root as vLLM serves them: clients (lm_eval's tokenizer_backend=remote) then
+    # need no copy of the served model's tokenizer. Same keys as the API; they never touch the model.
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(request: Request):
+        async def answer(req, event) -> Response:
+            event.model = svc.name
+            return JSONResponse(_tokenizer_info(svc))
+
+        return await _handle(svc, request, "/tokenizer_info", None, answer)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        return await _handle(svc, request, "/tokenize", TokenizeRequest, lambda r, e: _tokenize(svc, r, e))
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        return await _handle(svc, request, "/detokenize", DetokenizeRequest, lambda r, e: _detokenize(svc, r, e))
+
     return app
 
 
@@ -633,7 +693,7 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": total}
 
 
-def _streaming(svc: Service, event: AccessEvent, job: Job, chunks: AsyncIterator) -> StreamingResponse:
+def _streaming(svc: Service, event: AccessEvent, jobs: list[Job], chunks: AsyncIterator) -> StreamingResponse:
     """Stream SSE chunks. The access-log line is written when generation completes, before the closing chunks (so a
     client that has read the whole stream finds its line), or when the stream fails or the client goes away."""
     logged = False
@@ -644,7 +704,7 @@ def _streaming(svc: Service, event: AccessEvent, job: Job, chunks: AsyncIterator
         try:
             async for chunk in chunks:
                 if chunk is _END:
-                    event.completion_tokens = job.completion_tokens
+                    event.completion_tokens = sum(j.completion_tokens for j in jobs)
                     _log_event(svc, event, 200)
                     logged = True
                 else:
@@ -653,20 +713,25 @@ def _streaming(svc: Service, event: AccessEvent, job: Job, chunks: AsyncIterator
             status = 500
             yield _sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
         finally:
-            job.cancelled = True  # no-op if finished; otherwise the engine drops its rows at the next step
+            for job in jobs:
+                job.cancelled = True  # no-op if finished; otherwise the engine drops its rows at the next step
             if not logged:
-                event.completion_tokens = job.completion_tokens
+                event.completion_tokens = sum(j.completion_tokens for j in jobs)
                 _log_event(svc, event, status)
 
     headers = {"Cache-Control": "no-cache", "x-request-id": event.request_id}
     return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
 
 
-async def _chat(svc: Service, req: ChatRequest, event: AccessEvent) -> Response:
-    messages = [
+def _chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    return [
         {"role": "system" if m.role == "developer" else m.role, "content": _text_of(m.content, f"messages.{i}.content")}
-        for i, m in enumerate(req.messages)
+        for i, m in enumerate(messages)
     ]
+
+
+async def _chat(svc: Service, req: ChatRequest, event: AccessEvent) -> Response:
+    messages = _chat_messages(req.messages)
     _describe(event, req.model, messages, req.temperature, req.logprobs)
     svc.check_model(req.model)
     svc.check_n(req.n)
@@ -722,35 +787,56 @@ async def _chat(svc: Service, req: ChatRequest, event: AccessEvent) -> Response:
             yield chunk(usage=_usage(len(prompt), job.completion_tokens))
         yield "data: [DONE]\n\n"
 
-    return _streaming(svc, event, job, chunks())
+    return _streaming(svc, event, [job], chunks())
 
 
 async def _complete(svc: Service, req: CompletionRequest, event: AccessEvent) -> Response:
-    """Legacy completions. `echo` with `logprobs` scores the prompt too, as vLLM does: each prompt token's logprob
-    given the ones before it (the first has none), which lets a black-box teacher score a student's samples."""
-    text_prompt = req.prompt if isinstance(req.prompt, str) else None
-    _describe(
-        event, req.model, [{"role": "user", "content": text_prompt or ""}], req.temperature, req.logprobs is not None
-    )
+    """Legacy completions. `prompt` takes OpenAI's four shapes; a list of prompts gets n choices per prompt, numbered
+    `index` = prompt's position x n + choice, as OpenAI numbers them. `echo` with `logprobs` scores the prompt too,
+    as vLLM does: each prompt token's logprob given the ones before it (the first has none), which lets a black-box
+    teacher score a student's samples. The EOS that ends a choice is in its logprobs (its text is empty), as in
+    OpenAI's and vLLM's answers: lm_eval reads `echo` + `max_tokens: 1` as "the prompt's tokens + one new token"."""
+    prompts = _prompt_list(req.prompt)
+    text = "\n".join(p for p in prompts if isinstance(p, str))  # token prompts are decoded once they are checked
+    _describe(event, req.model, [{"role": "user", "content": text}], req.temperature, req.logprobs is not None)
     svc.check_model(req.model)
     svc.check_n(req.n)
     if req.stream and req.echo:
         raise ApiError(400, "echo is not supported with stream", param="echo")
-    if text_prompt is not None:
-        prompt = svc.tokenizer(text_prompt, add_special_tokens=True)["input_ids"]
-    else:
-        vocab = len(svc.tokenizer)
-        bad = [t for t in req.prompt if not 0 <= t < vocab]
-        if bad:
-            raise ApiError(400, f"prompt: token ids must lie in [0, {vocab}); got {bad[:5]}", param="prompt")
-        prompt = list(req.prompt)
-        event.prompt = svc.tokenizer.decode(prompt)
-    max_new = svc.budget(event, prompt, req.max_tokens, "prompt")
-    job = svc.submit(
-        req, prompt, max_new, req.temperature, req.top_p, _stops(req.stop, "stop"), logprobs=req.logprobs,
-        seed=req.seed, n=req.n, stream=req.stream, prompt_logprobs=req.logprobs if req.echo else None,
-    )  # fmt: skip
+    many = len(prompts) > 1
+    ids_list, texts = [], []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            ids_list.append(svc.tokenizer(p, add_special_tokens=True)["input_ids"])
+            texts.append(p)
+        else:
+            svc.check_ids(p, f"prompt.{i}" if many else "prompt")
+            ids_list.append(p)
+            texts.append(svc.tokenizer.decode(p))
+    event.prompt = "\n".join(texts)
+    budgets = []
+    for i, ids in enumerate(ids_list):
+        try:
+            budgets.append(svc.budget(event, ids, req.max_tokens, "prompt"))
+        except ApiError as e:
+            if many:
+                e.message = f"prompt {i}: {e.message}"
+            raise
+    event.prompt_tokens = sum(map(len, ids_list))
+    queue: asyncio.Queue = asyncio.Queue()  # one for all the prompts' jobs, so that their events come in order
+    jobs: list[Job] = []
+    try:
+        for ids, max_new in zip(ids_list, budgets, strict=True):
+            jobs.append(svc.submit(
+                req, ids, max_new, req.temperature, req.top_p, _stops(req.stop, "stop"), logprobs=req.logprobs,
+                seed=req.seed, n=req.n, stream=req.stream, prompt_logprobs=req.logprobs if req.echo else None,
+                queue=queue,
+            ))  # fmt: skip
+    except ApiError:
+        _cancel(jobs)
+        raise
     rid, created = "cmpl-" + event.request_id[4:], int(time.time())
+    number = {id(job): p * req.n for p, job in enumerate(jobs)}  # the first choice index of each prompt
 
     def logprobs(entries, offsets: list[int], start: int = 0) -> dict | None:
         if req.logprobs is None:
@@ -761,33 +847,61 @@ async def _complete(svc: Service, req: CompletionRequest, event: AccessEvent) ->
         return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries], "top_logprobs": tops,
                 "text_offset": [start + o for o in offsets]}  # fmt: skip
 
+    def eos(row: Row) -> tuple[list, list[int]]:  # the ending EOS as a logprob entry with empty text, if any
+        return ([row.eos_logprob], [len(row.text)]) if row.eos_logprob is not None else ([], [])
+
     def body(choices: list[dict]) -> dict:
         return dict(id=rid, object="text_completion", created=created, model=svc.name, choices=choices)
 
     if not req.stream:
-        rows = await job.wait()
-        event.completion_tokens = job.completion_tokens
-        echo, echo_lp = _echo(svc, prompt, job) if req.echo else ("", None)
+        try:
+            await wait_all(jobs)
+        except BaseException:  # one prompt failed: the others' rows need not run on
+            _cancel(jobs)
+            raise
+        event.completion_tokens = sum(j.completion_tokens for j in jobs)
         choices = []
-        for r in rows:
-            lp = logprobs(r.logprobs, r.offsets[: len(r.logprobs)], start=len(echo))
-            if lp is not None and echo_lp is not None:
-                lp = {k: echo_lp[k] + lp[k] for k in lp}
-            choices.append(dict(index=r.index, text=echo + r.text, logprobs=lp, finish_reason=FINISH_OPENAI[r.finish]))
-        return _reply(event, **body(choices), usage=_usage(len(prompt), job.completion_tokens))
+        for job in jobs:
+            echo, echo_lp = _echo(svc, job.prompt_ids, job) if req.echo else ("", None)
+            for r in job.rows:
+                more, more_at = eos(r)
+                lp = logprobs(r.logprobs + more, r.offsets[: len(r.logprobs)] + more_at, start=len(echo))
+                if lp is not None and echo_lp is not None:
+                    lp = {k: echo_lp[k] + lp[k] for k in lp}
+                choices.append(dict(index=number[id(job)] + r.index, text=echo + r.text, logprobs=lp,
+                                    finish_reason=FINISH_OPENAI[r.finish]))  # fmt: skip
+        return _reply(event, **body(choices), usage=_usage(event.prompt_tokens, event.completion_tokens))
 
     async def chunks() -> AsyncIterator:
-        async for kind, row, *delta in job.events():
+        async for kind, row, *delta in events_of(jobs):
+            index = number[id(row.job)] + row.index
             if kind == "delta":
                 text, entries, offsets = delta
-                choice = dict(index=row.index, text=text, logprobs=logprobs(entries, offsets), finish_reason=None)
+                choice = dict(index=index, text=text, logprobs=logprobs(entries, offsets), finish_reason=None)
             else:
-                choice = dict(index=row.index, text="", logprobs=None, finish_reason=FINISH_OPENAI[row.finish])
+                more, more_at = eos(row)
+                lp = logprobs(more, more_at) if more else None
+                choice = dict(index=index, text="", logprobs=lp, finish_reason=FINISH_OPENAI[row.finish])
             yield _sse(body([choice]))
         yield _END
         yield "data: [DONE]\n\n"
 
-    return _streaming(svc, event, job, chunks())
+    return _streaming(svc, event, jobs, chunks())
+
+
+def _prompt_list(prompt: str | list) -> list[str | list[int]]:
+    """The prompts of a completions request: a string or a list of token ids is one prompt; a list of either, many."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise ApiError(400, "prompt is an empty list; send a string, a list of strings, a list of token ids or a "
+                       "list of lists of token ids", param="prompt")  # fmt: skip
+    return [list(prompt)] if isinstance(prompt[0], int) else list(prompt)
+
+
+def _cancel(jobs: list[Job]) -> None:
+    for job in jobs:
+        job.cancelled = True  # the engine drops their rows at its next step
 
 
 def _echo(svc: Service, prompt: list[int], job: Job) -> tuple[str, dict | None]:
@@ -851,7 +965,68 @@ async def _messages(svc: Service, req: MessagesRequest, event: AccessEvent) -> R
         yield sse("message_delta", delta=stop, usage={"output_tokens": len(row.ids)})
         yield sse("message_stop")
 
-    return _streaming(svc, event, job, chunks())
+    return _streaming(svc, event, [job], chunks())
+
+
+def _tokenizer_info(svc: Service) -> dict[str, Any]:
+    """vLLM's GET /tokenizer_info: the tokenizer's settings (tokenizer_config.json's fields) less this machine's paths
+    and loading options, its current special tokens and chat template, and the served context (`max_model_len`)."""
+    tok = svc.tokenizer
+    local = {"vocab_file", "merges_file", "tokenizer_file", "name_or_path", "is_local", "local_files_only"}
+
+    def plain(v: Any) -> Any:  # AddedToken -> its text (as vLLM); anything else JSON cannot hold -> its str
+        if hasattr(v, "content"):
+            return v.content
+        if isinstance(v, dict):
+            return {str(k): plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple, set)):
+            return [plain(x) for x in v]
+        return v if v is None or isinstance(v, (str, int, float, bool)) else str(v)
+
+    info = {k: plain(v) for k, v in tok.init_kwargs.items() if k not in local}
+    info.update(
+        tokenizer_class=type(tok).__name__,
+        bos_token=tok.bos_token,
+        eos_token=tok.eos_token,
+        pad_token=tok.pad_token,
+        unk_token=tok.unk_token,
+        chat_template=tok.chat_template if isinstance(tok.chat_template, str) else None,
+        vocab_size=len(tok),
+        max_model_len=svc.context or svc.cfg.max_new_tokens_limit,
+    )
+    return info
+
+
+async def _tokenize(svc: Service, req: TokenizeRequest, event: AccessEvent) -> Response:
+    """vLLM's POST /tokenize: `prompt` as /v1/completions tokenizes it, or `messages` as /v1/chat/completions does."""
+    event.model = req.model or svc.name
+    if req.model is not None:
+        svc.check_model(req.model)
+    if (req.prompt is None) == (req.messages is None):
+        raise ApiError(400, "send either 'prompt' (text) or 'messages' (a chat), not both or neither", param="prompt")
+    if req.prompt is not None:
+        ids = svc.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens is not False)["input_ids"]
+    else:
+        if req.continue_final_message and req.add_generation_prompt:
+            raise ApiError(400, "continue_final_message and add_generation_prompt cannot both be true",
+                           param="add_generation_prompt")  # fmt: skip
+        ids = svc.render_chat(_chat_messages(req.messages), req.continue_final_message, req.add_generation_prompt)
+        if req.add_special_tokens:  # on top of what the template wrote, as vLLM does
+            ids = svc.tokenizer.build_inputs_with_special_tokens(ids)
+    event.prompt_tokens = len(ids)
+    strs = svc.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+    return JSONResponse({"count": len(ids), "max_model_len": svc.context or svc.cfg.max_new_tokens_limit,
+                         "tokens": ids, "token_strs": strs})  # fmt: skip
+
+
+async def _detokenize(svc: Service, req: DetokenizeRequest, event: AccessEvent) -> Response:
+    """vLLM's POST /detokenize: the text of these token ids, special tokens kept (so that it tokenizes back)."""
+    event.model = req.model or svc.name
+    if req.model is not None:
+        svc.check_model(req.model)
+    svc.check_ids(req.tokens, "tokens")
+    event.prompt_tokens = len(req.tokens)
+    return JSONResponse({"prompt": svc.tokenizer.decode(req.tokens, skip_special_tokens=False)})
 
 
 # --- running it ------------------------------------------------------------------------------------------------------
