@@ -59,7 +59,8 @@ def detect_log(log: str, out: str, threads: int, memory_limit: str) -> dict:
     from alambic.guard import detect
 
     res = detect.run(detect.DetectConfig(logs=[log], out=out, threads=threads, memory_limit=memory_limit))
-    keep = ("events", "accounts", "flagged_accounts", "campaigns", "campaign_sizes", "seconds", "stage_seconds")
+    keep = ("events", "accounts", "flagged_accounts", "campaigns", "campaign_sizes", "review_accounts", "review_sizes",
+            "calibration", "seconds", "stage_seconds")
     return {k: res[k] for k in keep}
 
 
@@ -147,6 +148,8 @@ def main() -> None:
         "per_campaign_recall": {k: float(x) for k, x in s["per_campaign_recall"].items()},
         "ari": s["ari"],
         "campaign_sizes": det["result"]["campaign_sizes"],
+        "review_sizes": det["result"]["review_sizes"],
+        "calibration": det["result"]["calibration"],
         "volume_baseline_recall": v["recall"],
         "volume_baseline_fpr": v["benign_fpr"],
         "machine": f"{platform.machine()}, {mp.cpu_count()} cores (shared with other jobs)",

@@ -202,3 +202,109 @@ def test_campaign_settings_apply_and_bad_ones_are_named():
                        ("hydra.schedule=burst", "waves, steady"), ("nope.rate=3", "NAME one of")]:  # fmt: skip
         with pytest.raises(ValueError, match=named):
             simulate.SimulateConfig(campaign=[bad])
+
+
+def _batch_rows(n_acc: int, extract: bool, seed: int = 0) -> list[str]:
+    """One organisation's batch job over `n_acc` accounts: one shared template, machine-paced, 24/7, single turn,
+    shared card and system prompt. With `extract`, the same accounts instead ask for reasoning traces over a sweep of
+    capabilities (arithmetic, programs, tool calls, string and list tasks), with logprobs and long completions."""
+    from alambic import tasks
+
+    rng = np.random.default_rng(seed)
+    payloads = [ex.prompt for ex in tasks.generate(None, 500, "train", seed=seed)]
+    rows = []
+    for k in range(n_acc):
+        for i in range(400):
+            t = 1772409600 + 2 * 86400 * (i + rng.random() * 0.2) / 400  # two days, evenly paced
+            if extract:
+                prompt = (
+                    "Think through the following carefully, showing every intermediate step before the final "
+                    f"answer. Problem: {payloads[(i * n_acc + k) % len(payloads)]} (variant {i * n_acc + k})"
+                )
+            else:
+                prompt = (
+                    f"Classify this support ticket as billing, bug or other. Ticket {rng.integers(10**5, 10**6)}: "
+                    + " ".join(
+                        rng.choice(["login", "refund", "slow", "crash", "invoice", "charged", "twice", "app"], 8)
+                    )
+                )
+            rows.append(json.dumps({
+                "ts": float(t), "account_id": f"acct_batch_{k}", "api_key_id": f"key_batch_{k}",
+                "ip": f"198.51.100.{k + 2}", "user_agent": "python-requests/2.32.3", "payment_fp": "pm_org",
+                "system_prompt_hash": "sys_org", "model": "alambic-m1", "prompt": prompt, "n_messages": 1,
+                "max_tokens": 4096 if extract else 64, "temperature": 0.0, "logprobs_requested": extract,
+                "completion_tokens": int(rng.integers(600, 1500)) if extract else int(rng.integers(1, 5)),
+            }))  # fmt: skip
+    return rows
+
+
+@pytest.fixture(scope="module")
+def background(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bg")
+    return simulate.run(simulate.SimulateConfig(out=str(out), scale=0.01, days=2, release_day=1, campaigns=[],
+                                                seed=3, format="parquet"))  # fmt: skip
+
+
+@pytest.mark.parametrize("extract", [False, True])
+def test_batch_job_over_accounts_is_for_review_until_it_extracts(background, tmp_path, extract):
+    """Issue 16: one organisation's batch job (shared template, card, system prompt; high volume, regular, single
+    turn) is coordination, not extraction: reported for review, never flagged. The same accounts eliciting reasoning
+    traces over a sweep of capabilities, with logprobs, are a campaign."""
+    (tmp_path / "batch.jsonl").write_text("\n".join(_batch_rows(12, extract)) + "\n")
+    res = detect.run(detect.DetectConfig(logs=[background["files"]["parquet"], str(tmp_path / "batch.jsonl")],
+                                         out=str(tmp_path / "d")))  # fmt: skip
+    acc = pq.read_table(tmp_path / "d" / "accounts.parquet").to_pylist()
+    batch = [a for a in acc if a["account_id"].startswith("acct_batch_")]
+    others = [a["account_id"] for a in acc if a["flagged"] and not a["account_id"].startswith("acct_batch_")]
+    assert others == [] and len(batch) == 12
+    if extract:
+        assert all(a["flagged"] for a in batch) and len({a["campaign"] for a in batch}) == 1
+    else:
+        assert not any(a["flagged"] for a in batch) and res["flagged_accounts"] == 0
+        assert all(a["review"] for a in batch) and len({a["review_group"] for a in batch}) == 1
+        review = json.loads((tmp_path / "d" / "review.json").read_text())
+        assert review[0]["status"] == "review" and review[0]["purpose_score_median"] <= res["calibration"]["threshold"]
+    # The appeal view: every piece of evidence with its share, for each account in a group.
+    appeals = [json.loads(x) for x in (tmp_path / "d" / "appeals.jsonl").read_text().splitlines()]
+    mine = [a for a in appeals if a["account_id"].startswith("acct_batch_")]
+    assert len(mine) == 12 and all(a["status"] == ("flagged" if extract else "review") for a in mine)
+    for a in mine:
+        assert {e["kind"] for e in a["evidence"]} == {"purpose", "link"}
+        assert abs(sum(abs(e["share"]) for e in a["evidence"]) - 1) < 0.01
+        assert {"elicit_share", "logprobs", "coverage"} <= {e["evidence"] for e in a["evidence"]}
+    html = (tmp_path / "d" / "report.html").read_text()
+    assert "Appeal view" in html and f'id="appeal-{mine[0]["account_id"]}"' in html
+    assert "expected benign false-positive rate" in (tmp_path / "d" / "report.md").read_text()
+
+
+def test_threshold_from_a_trusted_reference_log(background, tmp_path):
+    """With a known-benign log, the threshold is its (1 - target_fpr) quantile and the report states the benign FPR
+    expected there; a reference lacking the fields is named, not silently used."""
+    ref = simulate.run(simulate.SimulateConfig(out=str(tmp_path / "ref"), scale=0.02, days=2, release_day=1,
+                                               campaigns=[], seed=9, format="parquet"))  # fmt: skip
+    (tmp_path / "batch.jsonl").write_text("\n".join(_batch_rows(8, True)) + "\n")
+    res = detect.run(detect.DetectConfig(logs=[background["files"]["parquet"], str(tmp_path / "batch.jsonl")],
+                                         out=str(tmp_path / "d"), reference=[ref["files"]["parquet"]],
+                                         target_fpr=0.002))  # fmt: skip
+    c = res["calibration"]
+    assert c["reference"].startswith("trusted log") and c["reference_accounts"] > 500
+    assert c["expected_benign_fpr"] <= 0.002 < c["expected_benign_fpr_upper95"] < 0.02
+    assert res["flagged_accounts"] == 8 and not c["reference_too_small"]
+    with pytest.raises(detect.LogError, match="not found"):
+        detect.run(detect.DetectConfig(logs=[str(tmp_path / "batch.jsonl")], out=str(tmp_path / "e"),
+                                       reference=[str(tmp_path / "missing.jsonl")]))  # fmt: skip
+
+
+def test_lookalikes_are_benign_and_leave_the_rest_unchanged(tmp_path):
+    cfg = {"scale": 0.002, "days": 2, "release_day": 1, "format": "parquet", "seed": 4}
+    plain = simulate.run(simulate.SimulateConfig(out=str(tmp_path / "a"), **cfg))
+    looks = simulate.run(simulate.SimulateConfig(out=str(tmp_path / "b"), lookalikes=list(simulate.LOOKALIKES), **cfg))
+    assert (
+        looks["campaign_events"] == plain["campaign_events"]
+        and set(looks["lookalike_accounts"]) == set(simulate.LOOKALIKES)
+        and all(v > 0 for v in looks["lookalike_accounts"].values())
+    )
+    labels = [json.loads(x) for x in open(looks["labels"])]
+    assert {x["kind"] for x in labels if x["label"] == "benign"} >= set(simulate.LOOKALIKES)
+    with pytest.raises(ValueError, match="unknown look-alike"):
+        simulate.SimulateConfig(lookalikes=["call_centre"])
