@@ -16,15 +16,22 @@ shares are shrunk towards the typical account's share, not the pooled rate that 
 summed score becomes normal scores of its ranks, N(0, 1) when every account is benign and conservative for benign
 accounts when campaigns take the top ranks, so both stay valid while campaigns are a minority. Template links need
 repeated use per account (`template_repeat`), since a popular phrasing's users are jointly unusual only by being
-the people who ask for it. (A reference benign log as the null is not implemented yet.)
+the people who ask for it.
+
+Coordination is not extraction (issue 16): a batch job over an organisation's accounts, an evaluation harness, a class
+and an agent product all share templates across accounts. So a community is *flagged* only when what its traffic is
+for looks like extraction: its median member's purpose score (elicitation, logprobs, single turn, payload coverage,
+novelty, long outputs; PURPOSE) exceeds a threshold set at the (1 - target_fpr) quantile of known-benign accounts (a
+trusted `reference` log, or the accounts no significant artifact links). Otherwise it is reported *for review*.
 
 The pipeline runs out of core in DuckDB (JSONL or Parquet in, any size); the log is read once, keeping only what the
 signals read; only per-account arrays and the words of distinct prompt heads (for MinHash) reach numpy.
 Geography is never a signal: IP addresses are used only as shared infrastructure (prefix equality), and hour-of-day
 only through how *flat* an account's activity is, never which hours.
 
-Outputs in `out/`: accounts.parquet (every account: features, z, p, q, campaign, flag, evidence), campaigns.json,
-report.md, config.json, manifest.json.
+Outputs in `out/`: accounts.parquet (every account: features, z, p, q, purpose score, campaign, flag, review group,
+evidence), campaigns.json, review.json, appeals.jsonl (each flagged or reviewed account's evidence with its share),
+report.md, report.html, config.json, manifest.json.
 """
 
 from __future__ import annotations
