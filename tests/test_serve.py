@@ -227,6 +227,92 @@ def test_completions_text_prompt(client, tiny_server):
     assert streamed == c.text
 
 
+def test_completions_list_prompts_and_n_number_choices_as_openai(client, tiny_server):
+    # OpenAI's order: every choice of prompt 0, then of prompt 1...; index = prompt position x n + choice. Choice j
+    # samples with seed + j, so each prompt's choices must be those of the same prompt asked alone.
+    prompts = ["Once upon", "In a galaxy far", "x"]
+    args = dict(model=tiny_server.model, max_tokens=6, temperature=1.0, n=2, seed=11, extra_body={"ignore_eos": True})
+    r = client.completions.create(prompt=prompts, **args)
+    assert [c.index for c in r.choices] == list(range(6))
+    for p, prompt in enumerate(prompts):
+        alone = client.completions.create(prompt=prompt, **args)
+        assert [c.text for c in r.choices[2 * p : 2 * p + 2]] == [c.text for c in alone.choices]
+    assert r.usage.completion_tokens == 6 * 6 and r.usage.prompt_tokens == sum(map(len, prompts))
+    tokens = [httpx.post(tiny_server.base_url + "/tokenize", json={"prompt": p}, headers=auth(tiny_server)).json()
+              ["tokens"] for p in prompts]  # fmt: skip
+    by_ids = client.completions.create(prompt=tokens, **args)
+    assert [c.text for c in by_ids.choices] == [c.text for c in r.choices]  # the same prompts as lists of ids
+
+    texts: dict[int, str] = {}
+    for chunk in client.completions.create(prompt=prompts, stream=True, **args):
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+    assert texts == {c.index: c.text for c in r.choices}
+
+
+def auth(served, name: str = "alice") -> dict[str, str]:
+    return {"Authorization": f"Bearer {served.keys[name]}"}
+
+
+def test_tokenizer_routes_as_vllm_serves_them(tiny_server, tiny_model_dir):
+    _, tokenizer = load(tiny_model_dir)
+    base, headers = tiny_server.base_url, auth(tiny_server)
+    info = httpx.get(base + "/tokenizer_info", headers=headers).json()
+    assert info["tokenizer_class"] == type(tokenizer).__name__ and info["eos_token"] == "<|end|>"
+    assert info["chat_template"] == tokenizer.chat_template and info["max_model_len"] == 256
+    assert not any(k in info for k in ("name_or_path", "vocab_file", "tokenizer_file"))  # no server paths
+    assert str(tiny_model_dir) not in json.dumps(info)
+
+    r = httpx.post(base + "/tokenize", json={"prompt": "Hi <|end|>", "return_token_strs": True}, headers=headers)
+    ids = tokenizer("Hi <|end|>", add_special_tokens=True)["input_ids"]
+    assert r.json() == {
+        "count": len(ids),
+        "max_model_len": 256,
+        "tokens": ids,
+        "token_strs": ["H", "i", " ", "<|end|>"],
+    }
+    back = httpx.post(base + "/detokenize", json={"tokens": ids}, headers=headers).json()
+    assert back == {"prompt": "Hi <|end|>"}  # special tokens kept, so that the text tokenizes back to the same ids
+
+    chat = httpx.post(base + "/tokenize", json={"model": tiny_server.model, "messages": HI}, headers=headers).json()
+    served = httpx.post(base + "/v1/chat/completions", headers=headers,
+                        json={"model": tiny_server.model, "messages": HI, "max_tokens": 1}).json()  # fmt: skip
+    assert chat["count"] == served["usage"]["prompt_tokens"]  # the prompt the chat route would run
+    cont = {"messages": HI, "continue_final_message": True, "add_generation_prompt": False}
+    assert httpx.post(base + "/tokenize", json=cont, headers=headers).json()["count"] < chat["count"]
+
+    assert httpx.get(base + "/tokenizer_info").status_code == 401  # same keys as the API
+    assert httpx.post(base + "/tokenize", json={"prompt": "x"}).status_code == 401
+    bad = [
+        ("/tokenize", {}, "either 'prompt'"),
+        ("/tokenize", {"prompt": "x", "messages": HI}, "either 'prompt'"),
+        ("/tokenize", {"messages": HI, "continue_final_message": True, "add_generation_prompt": True}, "both"),
+        ("/tokenize", {"prompt": "x", "model": "gpt-4o"}, "gpt-4o"),
+        ("/detokenize", {"tokens": [1, 10**6]}, "token ids must lie in"),
+        ("/detokenize", {"tokens": "abc"}, "tokens"),
+    ]
+    for path, body, words in bad:
+        r = httpx.post(base + path, json=body, headers=headers)
+        assert r.status_code in (400, 404) and words in r.json()["error"]["message"], (path, body, r.text)
+
+
+def test_completions_bad_prompts(client, tiny_server):
+    cases = [
+        ([], "empty list"),
+        ([1, "a"], "a list of lists of token ids"),
+        ([["a"]], "a list of lists of token ids"),
+        (3, "must be a string"),
+        ([[1, 2], [3, 10**6]], "prompt.1: token ids must lie in"),
+        (["ok", "x" * 300], "prompt 1: this model's maximum context length is 256"),
+        (["ok", ""], "prompt 1: the prompt is empty"),
+    ]
+    for prompt, words in cases:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model=tiny_server.model, prompt=prompt, max_tokens=2)
+        assert words in e.value.message, (prompt, e.value.message)
+        assert e.value.param is not None and e.value.param.startswith("prompt")
+
+
 # --- Anthropic messages ---------------------------------------------------------------------------------------------
 
 
@@ -412,11 +498,14 @@ def test_serve_in_process_child_stops_when_its_parent_dies(tiny_model_dir):
     import subprocess
     import sys
 
-    code = ("import os, sys; from alambic.serve import ServeConfig, serve_in_process\n"
-            "with serve_in_process(ServeConfig(model=sys.argv[1], port=0)) as url:\n"
-            "    print(url, flush=True); os._exit(0)  # killed: no cleanup runs")
-    parent = subprocess.run([sys.executable, "-c", code, str(tiny_model_dir)], capture_output=True, text=True,
-                            timeout=120)
+    code = (
+        "import os, sys; from alambic.serve import ServeConfig, serve_in_process\n"
+        "with serve_in_process(ServeConfig(model=sys.argv[1], port=0)) as url:\n"
+        "    print(url, flush=True); os._exit(0)  # killed: no cleanup runs"
+    )
+    parent = subprocess.run(
+        [sys.executable, "-c", code, str(tiny_model_dir)], capture_output=True, text=True, timeout=120
+    )
     url = parent.stdout.strip()
     assert url.startswith("http://127.0.0.1:"), parent.stderr
     deadline = time.monotonic() + 30
