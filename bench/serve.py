@@ -26,14 +26,56 @@ import httpx
 LEVELS = (1, 8, 32)
 
 
-def serve_process(model: str, ready, max_batch: int) -> None:
+def serve_process(model: str, ready, max_batch: int, drop_share: float = 0.125) -> None:
     """Child process: serve `model` on a free port and send the base URL through the pipe `ready`."""
     from transformers.utils import logging as hf_logging
 
     from alambic.serve import ServeConfig, run
 
     hf_logging.disable_progress_bar()  # tqdm's lock is a named semaphore this process would leave behind
-    run(ServeConfig(model=model, port=0, max_batch=max_batch), on_ready=ready.send)
+    run(ServeConfig(model=model, port=0, max_batch=max_batch, drop_share=drop_share), on_ready=ready.send)
+
+
+def collection_round(model: str, max_batch: int, drop_share: float, n_per_skill: int) -> dict[str, float]:
+    """A collection-shaped load on a fresh server: the built-in skills' prompts at concurrency `max_batch`, answers
+    of every length up to EOS (so rows finish at different steps), top-5 logprobs, as `alambic demo` collects."""
+    from alambic import tasks
+
+    examples = tasks.generate(None, n_per_skill, "train", seed=0)
+    ctx = mp.get_context("spawn")
+    ready, child_end = ctx.Pipe(duplex=False)
+    server = ctx.Process(target=serve_process, args=(model, child_end, max_batch, drop_share), daemon=True)
+    server.start()
+    try:
+        if not ready.poll(300):
+            raise RuntimeError("the server did not start within 300 s")
+        url = ready.recv()
+        served = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
+
+        async def run_all() -> tuple[float, int]:
+            sem = asyncio.Semaphore(max_batch)
+            limits = httpx.Limits(max_connections=max_batch, max_keepalive_connections=max_batch)
+            async with httpx.AsyncClient(base_url=url, limits=limits, timeout=600) as client:
+
+                async def one(ex) -> int:
+                    async with sem:
+                        body = {"model": served, "messages": ex.messages, "max_tokens": 200, "temperature": 0,
+                                "logprobs": True, "top_logprobs": 5}
+                        r = await client.post("/v1/chat/completions", json=body)
+                        r.raise_for_status()
+                        return r.json()["usage"]["completion_tokens"]
+
+                t0 = time.perf_counter()
+                tokens = await asyncio.gather(*(one(ex) for ex in examples))
+                return time.perf_counter() - t0, sum(tokens)
+
+        wall, tokens = asyncio.run(run_all())
+    finally:
+        server.terminate()
+        server.join(10)
+        ready.close()
+    return {"requests": len(examples), "tokens": tokens, "wall_s": round(wall, 2),
+            "tokens_per_s": round(tokens / wall, 1)}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -125,6 +167,17 @@ def main() -> None:
             result[f"mean_batch_c{c}"] = round((after["rows_decoded"] - before["rows_decoded"]) / max(steps, 1), 2)
             print(f"concurrency {c}: {m['rps']:.2f} req/s, p50 {m['p50']:.3f}s, p99 {m['p99']:.3f}s", file=sys.stderr)
         result["ratio_32_vs_1"] = round(result["rps_c32"] / result["rps_c1"], 2)
+        # Finished rows dropped at once vs once an eighth of the batch has finished, on collection-shaped traffic;
+        # the same prompts, the same greedy answers, one fresh server each, alternating (ABAB) against drift.
+        n = 20 if args.quick else 100
+        rounds = {0.0: [], 0.125: []}
+        for _ in range(1 if args.quick else 2):
+            for share in rounds:
+                rounds[share].append(collection_round(model, 64, share, n))
+        at_once, batched = (max(rounds[s], key=lambda r: r["tokens_per_s"]) for s in (0.0, 0.125))
+        result["collection_c64"] = {"drop_at_once": at_once, "drop_per_eighth": batched,
+                                    "ratio": round(batched["tokens_per_s"] / at_once["tokens_per_s"], 3),
+                                    "same_tokens": at_once["tokens"] == batched["tokens"]}
         result["quick"] = args.quick
         if note:
             result["note"] = note

@@ -39,11 +39,15 @@ def test_endpoint_serving_our_watermarked_outputs_is_caught(tiny_model_dir, key_
 
 
 def test_clean_local_model_passes_and_null_is_uniform(tiny_model_dir, key_file, tmp_path):
-    """The tiny model never saw our watermark: no evidence, and 100 random keys give uniform p-values."""
+    """The tiny model never saw our watermark: no evidence, and 100 random keys give uniform p-values.
+
+    The suspect samples without a seed, so both p-values below are uniform draws when the code is right: each check
+    fails by chance once in 1,000 runs (at 0.01 this test failed CI once), while a biased score or a broken null
+    gives p-values far below 1e-3 with this many pairs and keys."""
     r = P.run(cfg(tiny_model_dir, key_file, tmp_path, data=[]))
-    assert r["p_value"] > 0.01
+    assert r["p_value"] > 1e-3
     null = r["null_check"]
-    assert null["ks_p_value"] > 0.01 and null["false_positive_rate"] <= 0.05
+    assert null["ks_p_value"] > 1e-3 and null["false_positive_rate"] <= 0.05
     assert r["duplicates"] + r["in_prompt"] + r["tokens_scored"] == r["positions"]
 
 

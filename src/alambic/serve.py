@@ -67,6 +67,8 @@ class ServeConfig(Config):
     access_log: str | None = Field(None, description="append one JSON line per request to this file (default: off)")
     max_batch: int = Field(32, ge=1, description="most sequences decoded together in one forward pass")
     batch_wait_ms: float = Field(5.0, ge=0, description="when idle, wait this long after a request for others to batch")
+    drop_share: float = Field(0.125, ge=0, le=1, description="finished rows stay in the batch until they are this "
+                              "share of it, then are dropped and replaced together (0: at once)")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="largest request body accepted (HTTP 413 above)")
     max_new_tokens_limit: int = Field(2048, ge=1, description="largest max_tokens a request may ask for")
     fixed_response: str | None = Field(
@@ -376,7 +378,8 @@ class Service:
             width = head.weight.shape[0] if head is not None else self.model.config.vocab_size  # the logits' width
             self.watermark = Watermark.from_file(cfg.watermark_key_file, width)
             log.info("watermarking completions: %r", self.watermark)  # fingerprint and settings, never the key
-        self.engine = Engine(self.model, self.tokenizer, cfg.max_batch, cfg.batch_wait_ms, self.watermark)
+        self.engine = Engine(self.model, self.tokenizer, cfg.max_batch, cfg.batch_wait_ms, self.watermark,
+                             drop_share=cfg.drop_share)
         self.token_text = TokenText(self.tokenizer)
         self.limiter = RateLimiter()
         self.access_log = AccessLog(cfg.access_log)
