@@ -39,6 +39,8 @@ def test_demo_pipeline_on_tiny_model(tiny_model_dir, tmp_path):
         assert not any(k in text for k in keys) and wm_key not in text, f
     g = result["guard"]
     assert g["demo_accounts"] == 3 and g["benign_accounts"] > 0
+    # A group for review, when guard links the keys without flagging them, holds every one of them.
+    assert g["demo_for_review"] is None or g["demo_for_review"]["accounts"] >= 3
     # The student was trained on the collection and evaluated beside the teacher; the report shows both.
     student = json.loads((out / "student" / "manifest.json").read_text())
     assert student["counts"]["steps"] == 4 and student["signal"] == "topk"

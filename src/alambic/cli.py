@@ -208,9 +208,13 @@ def _demo(cfg):
         print_collect(result["collect"])
     if result["guard"]:
         g = result["guard"]
-        verdict = "[green]found[/]" if g["demo_found_as_campaign"] else "[red]NOT found[/]"
+        found = g["demo_found_as_campaign"]
+        verdict = "[green]found[/] as one campaign" if found else "[red]NOT found[/] as a campaign"
+        if (r := g.get("demo_for_review")) is not None:
+            verdict = (f"[yellow]linked[/] as one group for review ({r['group']}: {', '.join(r['link_kinds'])}), not "
+                       f"flagged: median purpose score {r['purpose_score_median']:g} <= threshold {r['threshold']:g}")
         out.print(f"guard: the demo's collection ({g['demo_accounts']} accounts) among {g['benign_accounts']} "
-                  f"simulated benign accounts: {verdict} as one campaign; "
+                  f"simulated benign accounts: {verdict}; "
                   f"{g['demo_accounts_flagged']}/{g['demo_accounts']} demo accounts flagged, "
                   f"{g['benign_flagged']} benign accounts flagged")
     if result.get("student"):

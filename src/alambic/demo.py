@@ -108,14 +108,24 @@ def find_demo_campaign(cfg: DemoConfig, out: Path, demo_accounts: list[str], log
     result = detect.run(detect.DetectConfig(logs=logs, out=str(out / "guard" / "detect")))
     import pyarrow.parquet as pq
 
-    acc = pq.read_table(out / "guard" / "detect" / "accounts.parquet", columns=["account_id", "flagged", "campaign"])
+    acc = pq.read_table(out / "guard" / "detect" / "accounts.parquet",
+                        columns=["account_id", "flagged", "campaign", "review_group"])
     rows = acc.to_pylist()
     flagged = {r["account_id"] for r in rows if r["flagged"]}
-    demo_campaigns = {r["campaign"] for r in rows if r["account_id"] in demo_accounts and r["campaign"]}
+    demo_rows = [r for r in rows if r["account_id"] in demo_accounts]
+    demo_campaigns = {r["campaign"] for r in demo_rows if r["campaign"]}
+    demo_reviews = {r["review_group"] for r in demo_rows}
     benign_flagged = sorted(a for a in flagged if a not in demo_accounts and not a.startswith("acct_demo_"))
+    found = len(demo_campaigns) == 1 and all(r["campaign"] in demo_campaigns for r in demo_rows)
+    # Linked as one group but not flagged: the purpose evidence is below the calibrated threshold (issue 16).
+    review = None
+    if not found and len(demo_reviews) == 1 and None not in demo_reviews:
+        group = next(g for g in json.loads((out / "guard" / "detect" / "review.json").read_text())
+                     if g["id"] in demo_reviews)
+        review = {"group": group["id"], "accounts": group["accounts"], "link_kinds": group["link_kinds"],
+                  "purpose_score_median": group["purpose_score_median"], "threshold": group["threshold"]}
     return {"demo_accounts": len(demo_accounts), "demo_accounts_flagged": len(flagged & set(demo_accounts)),
-            "demo_found_as_campaign": len(demo_campaigns) == 1 and all(
-                r["campaign"] in demo_campaigns for r in rows if r["account_id"] in demo_accounts),
+            "demo_found_as_campaign": found, "demo_for_review": review,
             "benign_accounts": len(rows) - len(demo_accounts), "benign_flagged": len(benign_flagged),
             "events": result.get("events"), "campaigns": result.get("campaigns")}
 

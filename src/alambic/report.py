@@ -308,9 +308,13 @@ def sections(run: dict) -> list[dict]:
                     "table": rows})
     if man.get("guard"):
         g = man["guard"]
+        verdict = "found as one campaign" if g["demo_found_as_campaign"] else "NOT found as a campaign"
+        if (r := g.get("demo_for_review")) is not None:
+            verdict = (f"linked as one group for review ({r['group']}), not flagged: median purpose score "
+                       f"{r['purpose_score_median']:g} at or below the threshold {r['threshold']:g}")
         out.append({"title": "Guard: the provider's view", "text": [
             f"The collection's {g['demo_accounts']} accounts hidden among {_fmt(g['benign_accounts'])} simulated "
-            f"benign accounts: {'found' if g['demo_found_as_campaign'] else 'NOT found'} as one campaign; "
+            f"benign accounts: {verdict}; "
             f"{g['demo_accounts_flagged']}/{g['demo_accounts']} of its accounts flagged, {g['benign_flagged']} "
             "benign accounts flagged."]})
     if man.get("provenance"):
