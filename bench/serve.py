@@ -19,6 +19,7 @@ import multiprocessing as mp
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -36,12 +37,9 @@ def serve_process(model: str, ready, max_batch: int, drop_share: float = 0.125) 
     run(ServeConfig(model=model, port=0, max_batch=max_batch, drop_share=drop_share), on_ready=ready.send)
 
 
-def collection_round(model: str, max_batch: int, drop_share: float, n_per_skill: int) -> dict[str, float]:
-    """A collection-shaped load on a fresh server: the built-in skills' prompts at concurrency `max_batch`, answers
-    of every length up to EOS (so rows finish at different steps), top-5 logprobs, as `alambic demo` collects."""
-    from alambic import tasks
-
-    examples = tasks.generate(None, n_per_skill, "train", seed=0)
+@contextmanager
+def served_in_process(model: str, max_batch: int, drop_share: float = 0.125):
+    """Serve `model` in a spawned process; yields (base URL, served model name), stops the server on exit."""
     ctx = mp.get_context("spawn")
     ready, child_end = ctx.Pipe(duplex=False)
     server = ctx.Process(target=serve_process, args=(model, child_end, max_batch, drop_share), daemon=True)
@@ -50,7 +48,20 @@ def collection_round(model: str, max_batch: int, drop_share: float, n_per_skill:
         if not ready.poll(300):
             raise RuntimeError("the server did not start within 300 s")
         url = ready.recv()
-        served = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
+        yield url, httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
+    finally:
+        server.terminate()
+        server.join(10)
+        ready.close()
+
+
+def collection_round(model: str, max_batch: int, drop_share: float, n_per_skill: int) -> dict[str, float]:
+    """A collection-shaped load on a fresh server: the built-in skills' prompts at concurrency `max_batch`, answers
+    of every length up to EOS (so rows finish at different steps), top-5 logprobs, as `alambic demo` collects."""
+    from alambic import tasks
+
+    examples = tasks.generate(None, n_per_skill, "train", seed=0)
+    with served_in_process(model, max_batch, drop_share) as (url, served):
 
         async def run_all() -> tuple[float, int]:
             sem = asyncio.Semaphore(max_batch)
@@ -70,10 +81,6 @@ def collection_round(model: str, max_batch: int, drop_share: float, n_per_skill:
                 return time.perf_counter() - t0, sum(tokens)
 
         wall, tokens = asyncio.run(run_all())
-    finally:
-        server.terminate()
-        server.join(10)
-        ready.close()
     return {"requests": len(examples), "tokens": tokens, "wall_s": round(wall, 2),
             "tokens_per_s": round(tokens / wall, 1)}
 
@@ -141,57 +148,49 @@ def main() -> None:
         note = f"{args.model} not found: served a freshly initialised 'teacher' preset (same size) instead"
         print(note, file=sys.stderr)
 
-    ctx = mp.get_context("spawn")
-    ready, child_end = ctx.Pipe(duplex=False)
-    server = ctx.Process(target=serve_process, args=(model, child_end, max(LEVELS)), daemon=True)
-    server.start()
     try:
-        if not ready.poll(300):
-            raise RuntimeError("the server did not start within 300 s")
-        url = ready.recv()
-        served = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
-        n_requests = {1: 8, 8: 32, 32: 64} if args.quick else {1: 24, 8: 96, 32: 256}
-        asyncio.run(load(url, served, 4, 8, args.max_tokens))  # warm-up: first-call allocations, lazy imports
-        result: dict[str, object] = {"bench": "serve", "model": served, "max_tokens": args.max_tokens}
-        for c in LEVELS:
-            before = httpx.get(url + "/v1/alambic/stats").json()
-            m = asyncio.run(load(url, served, c, n_requests[c], args.max_tokens))
-            after = httpx.get(url + "/v1/alambic/stats").json()
-            steps = after["decode_steps"] - before["decode_steps"]
-            result |= {
-                f"rps_c{c}": round(m["rps"], 2),
-                f"p50_c{c}": round(m["p50"], 3),
-                f"p99_c{c}": round(m["p99"], 3),
-            }
-            result[f"tokens_per_s_c{c}"] = round(m["tokens_per_s"], 1)
-            result[f"mean_batch_c{c}"] = round((after["rows_decoded"] - before["rows_decoded"]) / max(steps, 1), 2)
-            print(f"concurrency {c}: {m['rps']:.2f} req/s, p50 {m['p50']:.3f}s, p99 {m['p99']:.3f}s", file=sys.stderr)
-        result["ratio_32_vs_1"] = round(result["rps_c32"] / result["rps_c1"], 2)
-        # Finished rows dropped at once vs once an eighth of the batch has finished, on collection-shaped traffic;
-        # the same prompts, the same greedy answers, one fresh server each, alternating (ABAB) against drift.
-        n = 20 if args.quick else 100
-        rounds = {0.0: [], 0.125: []}
-        for _ in range(1 if args.quick else 2):
-            for share in rounds:
-                rounds[share].append(collection_round(model, 64, share, n))
-        at_once, batched = (max(rounds[s], key=lambda r: r["tokens_per_s"]) for s in (0.0, 0.125))
-        result["collection_c64"] = {"drop_at_once": at_once, "drop_per_eighth": batched,
-                                    "ratio": round(batched["tokens_per_s"] / at_once["tokens_per_s"], 3),
-                                    "same_tokens": at_once["tokens"] == batched["tokens"]}
-        result["quick"] = args.quick
-        if note:
-            result["note"] = note
+        with served_in_process(model, max(LEVELS)) as (url, served):
+            result = measure(args, model, url, served)
     finally:
-        server.terminate()
-        server.join(10)
-        ready.close()
         if tmp is not None:
             tmp.cleanup()
+    if note:
+        result["note"] = note
 
     line = json.dumps(result)
     print(line)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(line + "\n")
+
+
+def measure(args, model: str, url: str, served: str) -> dict:
+    """Every level on the running server, then the collection-shaped rounds on fresh servers of their own."""
+    n_requests = {1: 8, 8: 32, 32: 64} if args.quick else {1: 24, 8: 96, 32: 256}
+    asyncio.run(load(url, served, 4, 8, args.max_tokens))  # warm-up: first-call allocations, lazy imports
+    result: dict[str, object] = {"bench": "serve", "model": served, "max_tokens": args.max_tokens}
+    for c in LEVELS:
+        before = httpx.get(url + "/v1/alambic/stats").json()
+        m = asyncio.run(load(url, served, c, n_requests[c], args.max_tokens))
+        after = httpx.get(url + "/v1/alambic/stats").json()
+        steps = after["decode_steps"] - before["decode_steps"]
+        result |= {f"rps_c{c}": round(m["rps"], 2), f"p50_c{c}": round(m["p50"], 3), f"p99_c{c}": round(m["p99"], 3)}
+        result[f"tokens_per_s_c{c}"] = round(m["tokens_per_s"], 1)
+        result[f"mean_batch_c{c}"] = round((after["rows_decoded"] - before["rows_decoded"]) / max(steps, 1), 2)
+        print(f"concurrency {c}: {m['rps']:.2f} req/s, p50 {m['p50']:.3f}s, p99 {m['p99']:.3f}s", file=sys.stderr)
+    result["ratio_32_vs_1"] = round(result["rps_c32"] / result["rps_c1"], 2)
+    # Finished rows dropped at once vs once an eighth of the batch has finished, on collection-shaped traffic;
+    # the same prompts, the same greedy answers, one fresh server each, alternating (ABAB) against drift.
+    n = 20 if args.quick else 100
+    rounds: dict[float, list[dict]] = {0.0: [], 0.125: []}
+    for _ in range(1 if args.quick else 2):
+        for share in rounds:
+            rounds[share].append(collection_round(model, 64, share, n))
+    at_once, batched = (max(rounds[s], key=lambda r: r["tokens_per_s"]) for s in (0.0, 0.125))
+    result["collection_c64"] = {"drop_at_once": at_once, "drop_per_eighth": batched,
+                                "ratio": round(batched["tokens_per_s"] / at_once["tokens_per_s"], 3),
+                                "same_tokens": at_once["tokens"] == batched["tokens"]}
+    result["quick"] = args.quick
+    return result
 
 
 if __name__ == "__main__":
