@@ -59,8 +59,10 @@ def subset(src: Path, dst: Path) -> None:
 def train(out: Path, data: Path, student: str, loss: str, extra: list[str], steps: int, lr: float, seed: int) -> None:
     if (out / "manifest.json").exists():
         return
+    student, *student_args = student.split()  # "prune:DIR --ratio 0.25": a student spec with its flags
     cmd = [
         "nice", "-n", "10", sys.executable, "-m", "alambic.cli", "train", "--data", str(data), "--student", student,
+        *student_args,
         "--tokenizer", TEACHER, "--loss", loss, *extra, "--steps", str(steps), "--batch-size", "16", "--lr", str(lr),
         "--no-packing", "--eval-every", "0", "--heldout-n", "0", "--threads", "1", "--seed", str(seed),
         "--out", str(out),
@@ -167,7 +169,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="runs/replication/data.jsonl", help="interactions with stored top-k logprobs")
     ap.add_argument("--work", default="runs/replication")
-    ap.add_argument("--warm-steps", type=int, nargs="+", default=[500, 1000], help="sft warm-start stages, chained")
+    ap.add_argument("--warm-steps", type=int, nargs="*", default=[500, 1000], help="sft warm-start stages, chained "
+                    "(none: every arm starts from --student itself)")
+    ap.add_argument("--student", default="preset:tiny", help="the student every arm (or the warm start) starts from, "
+                    "with its flags: e.g. 'prune:models/demo-teacher --ratio 0.25'")
+    ap.add_argument("--out", default=str(RESULTS), help="results file")
     ap.add_argument("--warm-lr", type=float, default=3e-3)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -185,7 +191,7 @@ def main() -> None:
     rows: dict = {"teacher": evaluate(TEACHER, work / "eval2" / "teacher.json", args.n_eval)}
     # The warm start is a chain of sft runs (stage i starts from stage i-1; its seed i varies the batch order), so a
     # warm start found too weak can be extended without redoing it.
-    student = "preset:tiny"
+    student = args.student
     for i, steps in enumerate(args.warm_steps):
         warm = work / ("warm" if i == 0 else f"warm{i + 1}")
         train(warm, data, student, "sft", [], steps, args.warm_lr, i)
@@ -238,6 +244,7 @@ def main() -> None:
         r.pop("correct", None)
     report = {
         "bench": "replication",
+        "student": args.student,
         "skills": SKILLS,
         "n_eval_per_skill": args.n_eval,
         "warm_steps": args.warm_steps,
@@ -259,8 +266,8 @@ def main() -> None:
         "train_s_total": round(sum(r["train_s"] for r in [*runs, *rows.values()] if "train_s" in r), 1),
         "this_invocation_wall_s": round(time.time() - t0, 1),
     }
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=1) + "\n")
+    Path(args.out).parent.mkdir(exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps({k: report[k] for k in ("bench", "steps", "summary")}))
 
 
