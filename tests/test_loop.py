@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from transformers import AutoModelForCausalLM
 
 from alambic import loop
+from alambic.modeling import n_params
 from alambic.loop import LoopConfig, allocate
 
 
@@ -76,3 +78,14 @@ def test_loop_warm_start_continues_the_previous_rounds_student(tiny_model_dir, t
 def test_loop_rejects_a_budget_too_small(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="budget"):
         loop.run(LoopConfig(teacher=str(tiny_model_dir), budget=3, rounds=2, out=str(tmp_path)))
+
+
+def test_loop_passes_the_prune_ratio_to_the_student(tiny_model_dir, tmp_path):
+    """`--ratio` reaches the trainer: the round's student has about that share of the teacher's parameters."""
+    cfg = LoopConfig(teacher=str(tiny_model_dir), budget=4, rounds=1, skills=["string_ops"], seeds=[0],
+                     arms=["targeted"], student=f"prune:{tiny_model_dir}", ratio=0.5, steps=1, batch_size=1,
+                     max_tokens=8, n_probe=1, n_test=1, top_logprobs=3, out=str(tmp_path / "run"))
+    loop.run(cfg)
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "loop" / "targeted-seed0" / "round0" / "student")
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert 0.3 < n_params(student) / n_params(teacher) <= 0.5

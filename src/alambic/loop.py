@@ -45,6 +45,8 @@ class LoopConfig(Config):
     student: str = Field("preset:tiny", description="student: preset:NAME, prune:DIR or an HF model directory")
     layers: int | None = Field(None, gt=0, description="prune: student: decoder layers of DIR to keep")
     width: int | None = Field(None, gt=0, description="prune: student: MLP channels to keep")
+    ratio: float | None = Field(None, gt=0, le=1, description="prune: student: parameter budget x DIR (e.g. 0.25; "
+                                "picks hidden, heads and MLP width, as `alambic train --ratio`)")
     tokenizer: str | None = Field(None, description="student tokenizer directory (default: the teacher's)")
     loss: str = Field("forward_kl", description="training loss (see `alambic train --help`)")
     steps: int = Field(300, gt=0, description="student optimiser steps per round")
@@ -126,7 +128,7 @@ def run_arm(cfg: LoopConfig, arm: str, seed: int, base_url: str, keys_file: str 
         trainer.run(trainer.TrainConfig(
             data=[got["output"]], out=str(folder / f"round{r}" / "student"),
             **({"student": str(folder / f"round{r - 1}" / "student")} if cfg.warm_start and r else
-               {"student": cfg.student, "layers": cfg.layers, "width": cfg.width}),
+               {"student": cfg.student, "layers": cfg.layers, "width": cfg.width, "ratio": cfg.ratio}),
             tokenizer=cfg.tokenizer or teacher_dir, loss=cfg.loss if cfg.top_logprobs else "sft", steps=cfg.steps,
             lr=cfg.lr, batch_size=cfg.batch_size, warmup=min(30, cfg.steps // 10), packing=True, eval_every=0,
             heldout_n=0, save_every=0, seed=seed, threads=cfg.threads, val_fraction=0.0))
