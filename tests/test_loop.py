@@ -8,8 +8,8 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from alambic import loop
-from alambic.modeling import n_params
 from alambic.loop import LoopConfig, allocate
+from alambic.modeling import n_params
 
 
 def test_allocate_follows_error_with_a_floor():
