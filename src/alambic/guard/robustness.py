@@ -42,6 +42,7 @@ def run(cfg: RobustnessConfig) -> dict:
                     detect.run(detect.DetectConfig(logs=[sim["files"]["parquet"]], out=f"{tmp}/det"))
                     d = score.run(score.ScoreConfig(labels=sim["labels"], detected=f"{tmp}/det"))["detector"]
                 rows.append({"knob": knob, "value": v, "seed": seed, "recall": d["recall"],
+                             "recall_with_review": d.get("for_review", {}).get("recall_with_review", d["recall"]),
                              "benign_fpr": d["benign_fpr"], "campaign_recall": d["campaign_recall"],
                              "per_campaign_recall": {k: float(x) for k, x in d["per_campaign_recall"].items()},
                              "found": sorted(c for c, ids in d["found"].items() if ids)})  # fmt: skip
@@ -51,24 +52,27 @@ def run(cfg: RobustnessConfig) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    """One line per (knob, value): recall mean [min-max] over seeds, worst benign FPR, campaigns found (worst seed),
-    mean recall per campaign, and the campaigns not found with the seeds where they were lost."""
+    """One line per (knob, value): recall mean [min-max] over seeds, mean share of campaign accounts flagged or put
+    for review, worst benign FPR, campaigns found (worst seed), mean recall per campaign, and the campaigns not found
+    with the seeds where they were lost."""
     camps = list(simulate.PLAYBOOKS)
     lines = [
-        "| knob | value | recall mean [min-max] | benign FPR max | campaigns found (worst) | "
+        "| knob | value | recall mean [min-max] | flagged or for review | benign FPR max | campaigns found (worst) | "
         + " | ".join(camps)
         + " | lost (seed) |",
-        "|---|---:|---:|---:|---:|" + "---:|" * len(camps) + "---|",
+        "|---|---:|---:|---:|---:|---:|" + "---:|" * len(camps) + "---|",
     ]
     points: dict[tuple, list[dict]] = {}
     for r in rows:
         points.setdefault((r["knob"], r["value"]), []).append(r)
     for (knob, value), rs in points.items():
         rec = [r["recall"] for r in rs]
+        seen = [r.get("recall_with_review", r["recall"]) for r in rs]
         per = [sum(r["per_campaign_recall"].get(c, 0) for r in rs) / len(rs) for c in camps]
         lost = [f"{c} ({r['seed']})" for r in rs for c in camps if c not in r["found"]]
         lines.append(
             f"| {knob} | {value} | {sum(rec) / len(rec):.3f} [{min(rec):.2f}-{max(rec):.2f}] | "
+            f"{sum(seen) / len(seen):.3f} | "
             f"{max(r['benign_fpr'] for r in rs):.4f} | {min(r['campaign_recall'] for r in rs):.2f} | "
             + " | ".join(f"{x:.2f}" for x in per)
             + f" | {', '.join(lost) or '-'} |"

@@ -158,8 +158,11 @@ def run(cfg: ScoreConfig) -> dict:
     if "review" in acc.column_names:  # linked without extraction evidence: for a person to look at, not flagged
         review = np.asarray(acc["review"].to_numpy(zero_copy_only=False), bool)
         benign = truth == "benign"
+        found = (flagged | review) & ~benign  # what a reviewer sees: flagged, or linked and put for review
         result["detector"]["for_review"] = {"accounts": int(review.sum()), "benign": int((review & benign).sum()),
-                                            "campaign": int((review & ~benign).sum())}  # fmt: skip
+                                            "campaign": int((review & ~benign).sum()),
+                                            "recall_with_review": round(float(found.sum() / max(1, (~benign).sum())),
+                                                                        4)}  # fmt: skip
     if cfg.logs:
         con = duckdb.connect()
         con.execute("SET enable_progress_bar = false; SET TimeZone = 'UTC'")
