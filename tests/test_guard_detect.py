@@ -27,6 +27,10 @@ def test_end_to_end_meets_targets(sim, tmp_path):
     assert s["recall"] >= 0.9, s
     assert s["benign_fpr"] <= 0.002, s  # 2000 benign accounts: at most ~4 false positives
     assert s["campaign_recall"] == 1.0, s  # every playbook found, the low-and-slow one included
+    # What a reviewer is shown (flagged, or linked and listed for review) includes every flagged campaign account.
+    r = s["for_review"]
+    assert s["recall"] - 1e-4 <= r["recall_with_review"] <= 1
+    assert r["recall_with_review"] >= s["recall"] + r["campaign"] / sum(summary["campaign_accounts"].values()) - 1e-3
     campaigns = json.loads((tmp_path / "campaigns.json").read_text())
     assert all(c["evidence"] and c["q_value"] <= 0.01 for c in campaigns)
     acc = pq.read_table(tmp_path / "accounts.parquet").to_pydict()
