@@ -14,8 +14,8 @@ from alambic.guard import watermark as W
 def test_demo_pipeline_on_tiny_model(tiny_model_dir, tmp_path):
     out = tmp_path / "demo"
     cfg = DemoConfig(teacher=str(tiny_model_dir), out=str(out), n_eval=2, n_collect=6, max_tokens=12, n_keys=3,
-                     guard_scale=0.002, student="preset:test", train_steps=4, train_batch=4, n_control=30,
-                     control_steps=2, provenance_n=3)
+                     guard_scale=0.002, guard_reference_scale=0.004, student="preset:test", train_steps=4,
+                     train_batch=4, n_control=30, control_steps=2, provenance_n=3)
     # A fixed key (the demo keeps a key file it finds). The untrained teacher's greedy text has only a handful of
     # distinct (context, token) pairs (4 in the control here), so with a fresh random key per run the control came
     # out > 60% green by chance now and then; under this key: marked 21 pairs, p = 2.3e-13; control 0.25 green.
@@ -41,6 +41,8 @@ def test_demo_pipeline_on_tiny_model(tiny_model_dir, tmp_path):
     assert g["demo_accounts"] == 3 and g["benign_accounts"] > 0
     # A group for review, when guard links the keys without flagging them, holds every one of them.
     assert g["demo_for_review"] is None or g["demo_for_review"]["accounts"] >= 3
+    # The threshold comes from the provider's trusted reference log, not from the log under test.
+    assert g["reference"].startswith("trusted log") and g["reference_accounts"] > 0 and g["threshold"] is not None
     # The student was trained on the collection and evaluated beside the teacher; the report shows both.
     student = json.loads((out / "student" / "manifest.json").read_text())
     assert student["counts"]["steps"] == 4 and student["signal"] == "topk"

@@ -216,7 +216,9 @@ def _demo(cfg):
         out.print(f"guard: the demo's collection ({g['demo_accounts']} accounts) among {g['benign_accounts']} "
                   f"simulated benign accounts: {verdict}; "
                   f"{g['demo_accounts_flagged']}/{g['demo_accounts']} demo accounts flagged, "
-                  f"{g['benign_flagged']} benign accounts flagged")
+                  f"{g['benign_flagged']} benign accounts flagged"
+                  + (f" (flag threshold {g['threshold']:g}, from {g['reference_accounts']:,} reference accounts: "
+                     f"{g['reference']})" if g.get("threshold") is not None else ""))
     if result.get("student"):
         out.print(f"student: {describe_student(result['student'])}")
     if result.get("evaluation"):

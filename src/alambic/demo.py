@@ -48,6 +48,9 @@ class DemoConfig(Config):
     n_keys: int = Field(4, ge=1, description="API keys the demo's collection is spread over")
     guard: bool = Field(True, description="mix the demo's traffic into simulated benign traffic and run guard detect")
     guard_scale: float = Field(0.01, gt=0, description="size of the simulated benign population (1.0 = 200k accounts)")
+    guard_reference_scale: float = Field(
+        0.05, ge=0, description="size of the trusted benign log (another draw of benign users) that calibrates guard's "
+        "flag threshold, as a provider supplies with `guard detect --reference` (0: the log's own held-out slice)")
     student: str = Field("prune", description="student to train: `prune` (the provider's own: the teacher pruned "
                          "to --student-ratio of its parameters, Minitron-style, then distilled; needs the teacher's "
                          "weights), `preset:NAME` (an outside distiller's, from scratch: only the API is at hand), or "
@@ -104,8 +107,17 @@ def find_demo_campaign(cfg: DemoConfig, out: Path, demo_accounts: list[str], log
     simulate.run(simulate.SimulateConfig(out=str(out / "guard" / "benign"), scale=cfg.guard_scale, days=days,
                                          start=start.isoformat().replace("+00:00", "Z"), campaigns=[], seed=cfg.seed))
     logs = [str(out / "guard" / "benign" / "access.jsonl"), str(out / "access.jsonl")]
+    # The provider's trusted reference: benign users it knows (another draw). Two days at guard_scale 0.01 leave the
+    # log's own held-out slice too small to resolve a 0.1% false-positive rate (~400 accounts), so the threshold
+    # would be its highest score; 0.05 gives ~2,200 reference accounts and the calibrated quantile.
+    reference = []
+    if cfg.guard_reference_scale:
+        simulate.run(simulate.SimulateConfig(out=str(out / "guard" / "reference"), scale=cfg.guard_reference_scale,
+                                             days=days, start=start.isoformat().replace("+00:00", "Z"), campaigns=[],
+                                             seed=cfg.seed + 1000, format="parquet"))
+        reference = [str(out / "guard" / "reference" / "access.parquet")]
     log("running guard detect on the mixed access log")
-    result = detect.run(detect.DetectConfig(logs=logs, out=str(out / "guard" / "detect")))
+    result = detect.run(detect.DetectConfig(logs=logs, out=str(out / "guard" / "detect"), reference=reference))
     import pyarrow.parquet as pq
 
     acc = pq.read_table(out / "guard" / "detect" / "accounts.parquet",
@@ -127,7 +139,9 @@ def find_demo_campaign(cfg: DemoConfig, out: Path, demo_accounts: list[str], log
     return {"demo_accounts": len(demo_accounts), "demo_accounts_flagged": len(flagged & set(demo_accounts)),
             "demo_found_as_campaign": found, "demo_for_review": review,
             "benign_accounts": len(rows) - len(demo_accounts), "benign_flagged": len(benign_flagged),
-            "events": result.get("events"), "campaigns": result.get("campaigns")}
+            "events": result.get("events"), "campaigns": result.get("campaigns"),
+            "threshold": result["calibration"]["threshold"], "reference": result["calibration"]["reference"],
+            "reference_accounts": result["calibration"]["reference_accounts"]}
 
 
 def _same_run(folder: Path, cfg) -> bool:

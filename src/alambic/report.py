@@ -316,7 +316,9 @@ def sections(run: dict) -> list[dict]:
             f"The collection's {g['demo_accounts']} accounts hidden among {_fmt(g['benign_accounts'])} simulated "
             f"benign accounts: {verdict}; "
             f"{g['demo_accounts_flagged']}/{g['demo_accounts']} of its accounts flagged, {g['benign_flagged']} "
-            "benign accounts flagged."]})
+            "benign accounts flagged."
+            + (f" Flag threshold {g['threshold']:g}, calibrated on {_fmt(g['reference_accounts'])} reference accounts "
+               f"({g['reference']})." if g.get("threshold") is not None else "")]})
     if man.get("provenance"):
         out.append(_watermark_section(man["provenance"]))
     if man.get("stages"):
