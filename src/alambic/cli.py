@@ -194,7 +194,7 @@ def _train(cfg):
 
 
 def _demo(cfg):
-    from .demo import run
+    from .demo import guard_verdict, run
 
     if cfg.profile == "smollm2":
         from .smollm2 import Smollm2Config
@@ -208,17 +208,10 @@ def _demo(cfg):
         print_collect(result["collect"])
     if result["guard"]:
         g = result["guard"]
-        found = g["demo_found_as_campaign"]
-        verdict = "[green]found[/] as one campaign" if found else "[red]NOT found[/] as a campaign"
-        if (r := g.get("demo_for_review")) is not None:
-            verdict = (f"[yellow]linked[/] as one group for review ({r['group']}: {', '.join(r['link_kinds'])}), not "
-                       f"flagged: median purpose score {r['purpose_score_median']:g} <= threshold {r['threshold']:g}")
+        status, verdict = guard_verdict(g)
+        colour = {"found": "green", "review": "yellow", "missed": "red"}[status]
         out.print(f"guard: the demo's collection ({g['demo_accounts']} accounts) among {g['benign_accounts']} "
-                  f"simulated benign accounts: {verdict}; "
-                  f"{g['demo_accounts_flagged']}/{g['demo_accounts']} demo accounts flagged, "
-                  f"{g['benign_flagged']} benign accounts flagged"
-                  + (f" (flag threshold {g['threshold']:g}, from {g['reference_accounts']:,} reference accounts: "
-                     f"{g['reference']})" if g.get("threshold") is not None else ""))
+                  f"simulated benign accounts: [{colour}]{verdict}[/]")
     if result.get("student"):
         out.print(f"student: {describe_student(result['student'])}")
     if result.get("evaluation"):

@@ -102,10 +102,10 @@ def find_demo_campaign(cfg: DemoConfig, out: Path, demo_accounts: list[str], log
 
     days = 2.0
     # The benign window ends just after the demo's own traffic, so both share one timeline.
-    start = datetime.now(UTC) - timedelta(days=days - 0.05)
+    start = (datetime.now(UTC) - timedelta(days=days - 0.05)).isoformat().replace("+00:00", "Z")
     log("simulating benign API traffic and mixing in the demo's collection traffic")
     simulate.run(simulate.SimulateConfig(out=str(out / "guard" / "benign"), scale=cfg.guard_scale, days=days,
-                                         start=start.isoformat().replace("+00:00", "Z"), campaigns=[], seed=cfg.seed))
+                                         start=start, campaigns=[], seed=cfg.seed))
     logs = [str(out / "guard" / "benign" / "access.jsonl"), str(out / "access.jsonl")]
     # The provider's trusted reference: benign users it knows (another draw). Two days at guard_scale 0.01 leave the
     # log's own held-out slice too small to resolve a 0.1% false-positive rate (~400 accounts), so the threshold
@@ -113,7 +113,7 @@ def find_demo_campaign(cfg: DemoConfig, out: Path, demo_accounts: list[str], log
     reference = []
     if cfg.guard_reference_scale:
         simulate.run(simulate.SimulateConfig(out=str(out / "guard" / "reference"), scale=cfg.guard_reference_scale,
-                                             days=days, start=start.isoformat().replace("+00:00", "Z"), campaigns=[],
+                                             days=days, start=start, campaigns=[],
                                              seed=cfg.seed + 1000, format="parquet"))
         reference = [str(out / "guard" / "reference" / "access.parquet")]
     log("running guard detect on the mixed access log")
@@ -135,13 +135,32 @@ def find_demo_campaign(cfg: DemoConfig, out: Path, demo_accounts: list[str], log
         group = next(g for g in json.loads((out / "guard" / "detect" / "review.json").read_text())
                      if g["id"] in demo_reviews)
         review = {"group": group["id"], "accounts": group["accounts"], "link_kinds": group["link_kinds"],
-                  "purpose_score_median": group["purpose_score_median"], "threshold": group["threshold"]}
+                  "purpose_score_median": group["purpose_score_median"]}
     return {"demo_accounts": len(demo_accounts), "demo_accounts_flagged": len(flagged & set(demo_accounts)),
             "demo_found_as_campaign": found, "demo_for_review": review,
             "benign_accounts": len(rows) - len(demo_accounts), "benign_flagged": len(benign_flagged),
             "events": result.get("events"), "campaigns": result.get("campaigns"),
             "threshold": result["calibration"]["threshold"], "reference": result["calibration"]["reference"],
             "reference_accounts": result["calibration"]["reference_accounts"]}
+
+
+def guard_verdict(g: dict) -> tuple[str, str]:
+    """What guard made of the demo's collection (`find_demo_campaign`'s result), in words, and its status: found,
+    review or missed. The CLI and the report both say it this way."""
+    if g["demo_found_as_campaign"]:
+        status, text = "found", "found as one campaign"
+    elif (r := g.get("demo_for_review")) is not None:
+        status, text = "review", (f"linked as one group for review ({r['group']}: {', '.join(r['link_kinds'])}), "
+                                  f"not flagged: median purpose score {r['purpose_score_median']:g} at or below the "
+                                  f"threshold {g['threshold']:g}")
+    else:
+        status, text = "missed", "NOT found as a campaign"
+    text += (f"; {g['demo_accounts_flagged']}/{g['demo_accounts']} demo accounts flagged, {g['benign_flagged']} "
+             "benign accounts flagged")
+    if g.get("threshold") is not None:
+        text += (f" (flag threshold {g['threshold']:g}, from {g['reference_accounts']:,} reference accounts: "
+                 f"{g['reference']})")
+    return status, text
 
 
 def _same_run(folder: Path, cfg) -> bool:

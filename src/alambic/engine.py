@@ -487,7 +487,7 @@ class Engine:
         else:
             self._sample(self.rows, logits[:, -1])
         live = self._live()
-        if not live or len(self.rows) - len(live) >= max(1, int(min(len(self.rows), self.max_batch) * self.drop_share)):
+        if not live or len(self.rows) - len(live) >= max(1, int(len(self.rows) * self.drop_share)):  # rows <= max_batch
             self._keep(live)
 
     def _keep(self, keep: list[int]) -> None:

@@ -307,18 +307,12 @@ def sections(run: dict) -> list[dict]:
         out.append({"title": "Provenance", "text": ["Which teacher taught this student, when, and what it cost."],
                     "table": rows})
     if man.get("guard"):
+        from .demo import guard_verdict
+
         g = man["guard"]
-        verdict = "found as one campaign" if g["demo_found_as_campaign"] else "NOT found as a campaign"
-        if (r := g.get("demo_for_review")) is not None:
-            verdict = (f"linked as one group for review ({r['group']}), not flagged: median purpose score "
-                       f"{r['purpose_score_median']:g} at or below the threshold {r['threshold']:g}")
         out.append({"title": "Guard: the provider's view", "text": [
             f"The collection's {g['demo_accounts']} accounts hidden among {_fmt(g['benign_accounts'])} simulated "
-            f"benign accounts: {verdict}; "
-            f"{g['demo_accounts_flagged']}/{g['demo_accounts']} of its accounts flagged, {g['benign_flagged']} "
-            "benign accounts flagged."
-            + (f" Flag threshold {g['threshold']:g}, calibrated on {_fmt(g['reference_accounts'])} reference accounts "
-               f"({g['reference']})." if g.get("threshold") is not None else "")]})
+            f"benign accounts: {guard_verdict(g)[1]}."]})
     if man.get("provenance"):
         out.append(_watermark_section(man["provenance"]))
     if man.get("stages"):
