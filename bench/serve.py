@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import json
 import multiprocessing as mp
+import os
 import sys
 import tempfile
 import time
@@ -27,22 +28,27 @@ import httpx
 LEVELS = (1, 8, 32)
 
 
-def serve_process(model: str, ready, max_batch: int, drop_share: float = 0.125) -> None:
-    """Child process: serve `model` on a free port and send the base URL through the pipe `ready`."""
+def serve_process(model: str, ready, max_batch: int, options: dict) -> None:
+    """Child process: serve `model` on a free port and send the base URL through the pipe `ready`. `options`:
+    ServeConfig fields, and `slack` (the KV cache's spare columns, `engine.SlackLayer.SLACK`; 0 reallocates the
+    cache at every step, as transformers' `DynamicLayer` does)."""
     from transformers.utils import logging as hf_logging
 
+    from alambic import engine
     from alambic.serve import ServeConfig, run
 
     hf_logging.disable_progress_bar()  # tqdm's lock is a named semaphore this process would leave behind
-    run(ServeConfig(model=model, port=0, max_batch=max_batch, drop_share=drop_share), on_ready=ready.send)
+    options = dict(options)
+    engine.SlackLayer.SLACK = options.pop("slack", engine.SlackLayer.SLACK)
+    run(ServeConfig(model=model, port=0, max_batch=max_batch, **options), on_ready=ready.send)
 
 
 @contextmanager
-def served_in_process(model: str, max_batch: int, drop_share: float = 0.125):
+def served_in_process(model: str, max_batch: int, **options):
     """Serve `model` in a spawned process; yields (base URL, served model name), stops the server on exit."""
     ctx = mp.get_context("spawn")
     ready, child_end = ctx.Pipe(duplex=False)
-    server = ctx.Process(target=serve_process, args=(model, child_end, max_batch, drop_share), daemon=True)
+    server = ctx.Process(target=serve_process, args=(model, child_end, max_batch, options), daemon=True)
     server.start()
     try:
         if not ready.poll(300):
@@ -55,13 +61,13 @@ def served_in_process(model: str, max_batch: int, drop_share: float = 0.125):
         ready.close()
 
 
-def collection_round(model: str, max_batch: int, drop_share: float, n_per_skill: int) -> dict[str, float]:
+def collection_round(model: str, max_batch: int, n_per_skill: int, **options) -> dict[str, float]:
     """A collection-shaped load on a fresh server: the built-in skills' prompts at concurrency `max_batch`, answers
     of every length up to EOS (so rows finish at different steps), top-5 logprobs, as `alambic demo` collects."""
     from alambic import tasks
 
     examples = tasks.generate(None, n_per_skill, "train", seed=0)
-    with served_in_process(model, max_batch, drop_share) as (url, served):
+    with served_in_process(model, max_batch, **options) as (url, served):
 
         async def run_all() -> tuple[float, int]:
             sem = asyncio.Semaphore(max_batch)
@@ -178,17 +184,26 @@ def measure(args, model: str, url: str, served: str) -> dict:
         result[f"mean_batch_c{c}"] = round((after["rows_decoded"] - before["rows_decoded"]) / max(steps, 1), 2)
         print(f"concurrency {c}: {m['rps']:.2f} req/s, p50 {m['p50']:.3f}s, p99 {m['p99']:.3f}s", file=sys.stderr)
     result["ratio_32_vs_1"] = round(result["rps_c32"] / result["rps_c1"], 2)
-    # Finished rows dropped at once vs once an eighth of the batch has finished, on collection-shaped traffic;
-    # the same prompts, the same greedy answers, one fresh server each, alternating (ABAB) against drift.
+    # Collection-shaped traffic on one fresh server per setting, the same prompts and greedy answers, alternating
+    # (ABAB) against drift: the engine's defaults vs finished rows dropped at once, vs a KV cache reallocated at
+    # every step (SlackLayer.SLACK = 0: what transformers' DynamicLayer does), and vs every core decoding
+    # (threads: the default leaves half the cores to HTTP).
     n = 20 if args.quick else 100
-    rounds: dict[float, list[dict]] = {0.0: [], 0.125: []}
+    cores = min(8, os.cpu_count() or 1)
+    settings = {"default": {}, "drop_at_once": {"drop_share": 0.0}, "no_slack": {"slack": 0},
+                "all_cores": {"threads": cores}}
+    rounds: dict[str, list[dict]] = {name: [] for name in settings}
     for _ in range(1 if args.quick else 2):
-        for share in rounds:
-            rounds[share].append(collection_round(model, 64, share, n))
-    at_once, batched = (max(rounds[s], key=lambda r: r["tokens_per_s"]) for s in (0.0, 0.125))
-    result["collection_c64"] = {"drop_at_once": at_once, "drop_per_eighth": batched,
-                                "ratio": round(batched["tokens_per_s"] / at_once["tokens_per_s"], 3),
-                                "same_tokens": at_once["tokens"] == batched["tokens"]}
+        for name, options in settings.items():
+            rounds[name].append(collection_round(model, 64, n, **options))
+    best = {name: max(r, key=lambda x: x["tokens_per_s"]) for name, r in rounds.items()}
+    tps = {name: b["tokens_per_s"] for name, b in best.items()}
+    result["collection_c64"] = best | {
+        "ratio_default_vs_drop_at_once": round(tps["default"] / tps["drop_at_once"], 3),
+        "ratio_default_vs_no_slack": round(tps["default"] / tps["no_slack"], 3),
+        "ratio_all_cores_vs_default": round(tps["all_cores"] / tps["default"], 3),
+        "all_cores_threads": cores,
+        "same_tokens": len({b["tokens"] for b in best.values()}) == 1}
     result["quick"] = args.quick
     return result
 

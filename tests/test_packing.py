@@ -85,3 +85,15 @@ def test_isolation_check_catches_a_forward_pass_that_leaks(monkeypatch):
     )
     with pytest.raises(RuntimeError, match="not isolated"):
         D.check_isolation(model, ex, pad_id=0)
+
+
+def test_a_right_padded_batch_gives_each_example_its_own_logits():
+    """Unpacked batches are right-padded with an attention mask: padding must change nothing before it."""
+    model = tiny("llama")
+    ex = examples()
+    batch = D.collate(ex, [[0], [1], [2]], pad_id=0, with_topk=False)
+    assert "position_ids" not in batch
+    logits = model(**D.model_inputs(batch)).logits
+    for i, e in enumerate(ex):
+        alone = model(**D.model_inputs(D.collate(ex, [[i]], pad_id=0, with_topk=False))).logits[0]
+        torch.testing.assert_close(logits[i, : len(e.ids)], alone, atol=1e-5, rtol=1e-4)
