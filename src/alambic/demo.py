@@ -62,7 +62,7 @@ class DemoConfig(Config):
     student_ratio: float = Field(0.25, gt=0, le=1, description="prune: the student's parameter budget × the "
                                  "teacher's (hidden, heads and MLP width shrink together, every layer kept)")
     loss: str = Field("forward_kl", description="distillation loss (see `alambic train --help`)")
-    train_steps: int = Field(1600, ge=0, description="student optimiser steps (0: stop after collection)")
+    train_steps: int = Field(1000, ge=0, description="student optimiser steps (0: stop after collection)")
     train_lr: float = Field(3e-3, gt=0, description="student peak learning rate")
     train_batch: int = Field(16, gt=0, description="student packed rows per step")
     train_max_len: int = Field(320, gt=8, description="tokens per packed row: just above the longest demo example "
