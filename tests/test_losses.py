@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.distributions import Categorical, kl_divergence
 
-from alambic.train.losses import LOSSES, divergence, topk_buckets
+from alambic.train.losses import LOSSES, TAILS, divergence, forward_kl_spread, topk_buckets, topk_spread
 
 B, T, V = 3, 5, 11
 
@@ -57,12 +57,13 @@ def test_jsd_matches_explicit_sum(data, beta):
 
 
 @pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "jsd"])
-def test_topk_with_k_equal_vocab_equals_full_logits(data, name):
+@pytest.mark.parametrize("tail", list(TAILS))
+def test_topk_with_k_equal_vocab_equals_full_logits(data, name, tail):
     s, t, mask, _ = data
     lt = torch.log_softmax(t, -1)
     top = lt.topk(V, dim=-1)
     full = LOSSES[name](s, mask, teacher_logits=t)
-    topk = LOSSES[name](s, mask, teacher_ids=top.indices, teacher_logprobs=top.values)
+    topk = LOSSES[name](s, mask, teacher_ids=top.indices, teacher_logprobs=top.values, tail=tail)
     assert topk.item() == pytest.approx(full.item(), rel=1e-6, abs=1e-9)
 
 
@@ -73,7 +74,7 @@ def test_topk_tail_bucket_against_explicit_reference(data, kind):
     lt = torch.log_softmax(t, -1)
     top = lt.topk(k, dim=-1)
     got = LOSSES[{"forward": "forward_kl", "reverse": "reverse_kl", "jsd": "jsd"}[kind]](
-        s, mask, teacher_ids=top.indices, teacher_logprobs=top.values)
+        s, mask, teacher_ids=top.indices, teacher_logprobs=top.values, tail="bucket")
     # Reference: build the k+1 distributions by explicit sums, one position at a time, in float64.
     ps_all = torch.softmax(s, -1)
     vals = torch.zeros(B, T, dtype=torch.float64)
@@ -93,6 +94,71 @@ def test_topk_tail_bucket_against_explicit_reference(data, kind):
                 m = 0.5 * pt_ + 0.5 * ps_
                 vals[b, i] = 0.5 * (pt_ * (pt_ / m).log()).sum() + 0.5 * (ps_ * (ps_ / m).log()).sum()
     assert got.item() == pytest.approx(ref_mean(vals, mask), rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["forward", "reverse", "jsd"])
+def test_topk_spread_tail_against_explicit_reference(data, kind):
+    """tail="spread": the divergence against the teacher whose top-k are as stored and whose other V - k tokens
+    share the rest of the mass evenly, built one position at a time in float64."""
+    s, t, mask, _ = data
+    k = 4
+    lt = torch.log_softmax(t, -1)
+    top = lt.topk(k, dim=-1)
+    got = LOSSES[{"forward": "forward_kl", "reverse": "reverse_kl", "jsd": "jsd"}[kind]](
+        s, mask, teacher_ids=top.indices, teacher_logprobs=top.values, tail="spread")
+    ps_all = torch.softmax(s, -1)
+    vals = torch.zeros(B, T, dtype=torch.float64)
+    for b in range(B):
+        for i in range(T):
+            ids = top.indices[b, i].tolist()
+            rest = 1 - sum(lt[b, i, j].exp().item() for j in ids)
+            pt_ = torch.tensor([lt[b, i, j].exp().item() if j in ids else rest / (V - k) for j in range(V)],
+                               dtype=torch.float64)
+            ps_ = ps_all[b, i]
+            if kind == "forward":
+                vals[b, i] = kl_divergence(Categorical(probs=pt_), Categorical(probs=ps_))
+            elif kind == "reverse":
+                vals[b, i] = kl_divergence(Categorical(probs=ps_), Categorical(probs=pt_))
+            else:
+                m = 0.5 * pt_ + 0.5 * ps_
+                vals[b, i] = 0.5 * (pt_ * (pt_ / m).log()).sum() + 0.5 * (ps_ * (ps_ / m).log()).sum()
+    assert got.item() == pytest.approx(ref_mean(vals, mask), rel=1e-6)
+    if kind == "forward":  # the closed form the loss uses equals the divergence over the dense spread teacher
+        dense = divergence("forward", *topk_spread(s, top.indices, top.values))
+        assert torch.allclose(forward_kl_spread(s, top.indices, top.values), dense, rtol=1e-9, atol=1e-12)
+
+
+def test_spread_tail_forbids_piling_the_tail_on_one_token():
+    """The defect the spread tail fixes: a teacher whose top-2 hold 30% of the mass, and a student that matches those
+    two and puts the other 70% on one token (end-of-text, say) has the same bucket loss (zero) as one that spreads
+    it, so greedy decoding of a bucket-trained student may pick that token. Trained to convergence, the spread
+    loss leaves every tail token below the teacher's 2nd."""
+    V_ = 20
+    teacher = torch.tensor([0.16, 0.14] + [0.7 / (V_ - 2)] * (V_ - 2), dtype=torch.float64).log()
+    ids, lp = torch.tensor([[[0, 1]]]), teacher[:2].view(1, 1, 2)
+    piled = torch.tensor([0.16, 0.14] + [0.7] + [0.0] * (V_ - 3), dtype=torch.float64).clamp(min=1e-12).log()
+    spread = teacher.clone()
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    for x in (piled, spread):  # the bucket loss cannot tell them apart
+        assert LOSSES["forward_kl"](x.view(1, 1, V_), mask, teacher_ids=ids, teacher_logprobs=lp,
+                                    tail="bucket").item() == pytest.approx(0, abs=1e-9)
+    assert (LOSSES["forward_kl"](piled.view(1, 1, V_), mask, teacher_ids=ids, teacher_logprobs=lp).item()
+            > LOSSES["forward_kl"](spread.view(1, 1, V_), mask, teacher_ids=ids, teacher_logprobs=lp).item() + 1)
+    x = piled.clone().view(1, 1, V_).requires_grad_(True)
+    opt = torch.optim.SGD([x], lr=5.0)
+    for _ in range(300):
+        opt.zero_grad()
+        LOSSES["forward_kl"](x, mask, teacher_ids=ids, teacher_logprobs=lp).backward()
+        opt.step()
+    p = x.detach().softmax(-1)[0, 0]
+    assert p[2:].max() < 0.14 and p.argmax() == 0
+
+
+def test_unknown_tail_is_a_clear_error(data):
+    s, t, mask, _ = data
+    top = torch.log_softmax(t, -1).topk(3, -1)
+    with pytest.raises(ValueError, match="bucket"):
+        LOSSES["forward_kl"](s, mask, teacher_ids=top.indices, teacher_logprobs=top.values, tail="uniform")
 
 
 def test_topk_never_builds_dense_teacher_tensor():

@@ -3,6 +3,7 @@ students (preset, HF directory + LoRA, pruned), tokenizer checks, resume after S
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -223,9 +224,9 @@ def test_padded_topk_slots_are_empty_buckets():
     pad_ids = torch.cat([ids, ids[..., :1].expand(-1, -1, 2)], -1)
     pad_lp = torch.cat([lp, torch.full((1, 3, 2), float("-inf"), dtype=torch.float64)], -1)
     mask = torch.ones(1, 3, dtype=torch.bool)
-    for name in ("forward_kl", "reverse_kl", "jsd"):
-        a = LOSSES[name](s, mask, teacher_ids=ids, teacher_logprobs=lp)
-        b = LOSSES[name](s, mask, teacher_ids=pad_ids, teacher_logprobs=pad_lp)
+    for name, tail in itertools.product(("forward_kl", "reverse_kl", "jsd"), ("spread", "bucket")):
+        a = LOSSES[name](s, mask, teacher_ids=ids, teacher_logprobs=lp, tail=tail)
+        b = LOSSES[name](s, mask, teacher_ids=pad_ids, teacher_logprobs=pad_lp, tail=tail)
         assert torch.allclose(a, b)
         (grad,) = torch.autograd.grad(b, s)
         assert torch.isfinite(grad).all()
@@ -242,6 +243,39 @@ def test_bad_inputs_are_clear(interactions, tiny_model_dir, tmp_path):
     (tmp_path / "o" / "checkpoint" / "trainer_state.json").write_text("{}")
     with pytest.raises(FileExistsError, match="resume"):
         run(config(interactions, tmp_path / "o", tiny_model_dir))
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    return AutoModelForCausalLM.from_pretrained(out).state_dict()
+
+
+def test_ema_saves_the_average_and_resumes_it(interactions, tiny_model_dir, tmp_path):
+    """--ema: training itself is unchanged, the saved weights are the average (not the last step's), and a run
+    stopped after a checkpoint and resumed saves the same average as one that ran through (the average is in the
+    checkpoint, not restarted from the resumed weights). --min-lr 0: the last step's learning rate is 0."""
+    kw = dict(loss="forward_kl", packing=True, max_len=256, batch_size=4, min_lr=0.0, threads=1)
+    plain, avg = tmp_path / "plain", tmp_path / "ema"
+    run(config(interactions, plain, tiny_model_dir, **kw))
+    run(config(interactions, avg, tiny_model_dir, ema=0.8, **kw))
+    losses = [[p["loss"] for p in curve(o) if "loss" in p] for o in (plain, avg)]
+    assert losses[0] == losses[1] and curve(plain)[-1]["lr"] == 0.0
+    w_plain, w_avg = _weights(plain), _weights(avg)
+    assert any(not torch.equal(w_plain[k], w_avg[k]) for k in w_plain)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_10(point):
+        if point["step"] == 10:
+            raise Stop
+
+    resumed = tmp_path / "resumed"
+    with pytest.raises(Stop):
+        run(config(interactions, resumed, tiny_model_dir, ema=0.8, save_every=6, **kw), progress=stop_at_10)
+    m = run(config(interactions, resumed, tiny_model_dir, ema=0.8, save_every=6, resume=True, **kw))
+    assert m["resumed_from_step"] == 6
+    w_res = _weights(resumed)
+    assert all(torch.allclose(w_avg[k], w_res[k], atol=1e-6) for k in w_avg)
 
 
 def _toml(cfg: TrainConfig, path: Path) -> Path:

@@ -81,12 +81,13 @@ def packed_batches(data: list[tuple[list[int], list[int]]], seq_len: int, rows: 
                 yield ids, labels  # (rows, seq_len) each
 
 
-def lr_factor(step: int, warmup: int, steps: int) -> float:
-    """Learning-rate multiplier: linear warm-up, then cosine decay to 10% of the peak (teacher and `alambic train`)."""
+def lr_factor(step: int, warmup: int, steps: int, floor: float = 0.1) -> float:
+    """Learning-rate multiplier: linear warm-up, then cosine decay to `floor` × the peak (teacher and `alambic
+    train`)."""
     if step < warmup:
         return (step + 1) / warmup
     t = (step - warmup) / max(1, steps - warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
 
 
 def skill_accuracy(model, tokenizer, examples: list[tasks.Example], max_new_tokens: int = 200) -> dict[str, float]:

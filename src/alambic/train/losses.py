@@ -8,9 +8,16 @@ Reduction: the mean over masked positions, so a loss does not grow with sequence
 Teacher signal, by what the teacher exposes (`collect` records it as the capability):
 - text only → `sft` on the teacher's tokens;
 - full logits (a local teacher) → `forward_kl`, `reverse_kl`, `jsd` on (B, T, V) teacher logits;
-- top-k logprobs (an API teacher, k ≤ 20) → the same divergences over k + 1 buckets: the k tokens plus one tail
-  bucket holding the leftover probability mass, for both teacher and student. Nothing vocabulary-sized is built
-  for the teacher. With k = V the tail is empty and the result equals the full-logit loss.
+- top-k logprobs (an API teacher, k ≤ 20) → the same divergences, with the teacher's leftover mass (the tail) treated
+  one of two ways (`tail`):
+  - "spread" (the default): the tail spread evenly over the V − k tokens outside the top-k: the maximum-entropy
+    teacher consistent with what was stored. It keeps what is known of the teacher's tail: no token outside the
+    top-k is more likely than the k-th. Costs one (B, T, V) tensor, the size of the student's logits.
+  - "bucket": k + 1 buckets, the k tokens plus one tail bucket, for both teacher and student; nothing
+    vocabulary-sized is built for the teacher. The student may then put the whole tail on any one token: where the
+    teacher is spread thin (on the demo's `naming` prompts its top-5 hold 22% of the mass), a student trained this
+    way gave end-of-sequence 8% (the teacher 0.05%), more than any letter, and greedy decoding stopped mid-word.
+  With k = V the tail is empty and both equal the full-logit loss.
 """
 
 from __future__ import annotations
@@ -82,6 +89,40 @@ def topk_buckets(student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs: 
     return torch.cat([log_t_k, log_t_tail], -1), torch.cat([log_s_k, log_s_tail], -1)
 
 
+def topk_spread(student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor) -> tuple[Tensor, Tensor]:
+    """Teacher and student log-probs over the whole vocabulary, the teacher's from its top-k: those k exact, the
+    rest of its mass spread evenly over the other tokens (the maximum-entropy completion; each tail token then
+    stays below the k-th, as in the teacher). Same arguments as `topk_buckets`; returns (log_t, log_s), each
+    (B, T, V)."""
+    log_s = F.log_softmax(_upcast(student_logits), dim=-1)  # (B, T, V)
+    log_t_k = teacher_logprobs.to(log_s.dtype)
+    used = log_t_k > float("-inf")  # unused slots repeat a used id (see topk_buckets)
+    t_mass = torch.logsumexp(log_t_k, -1, keepdim=True).exp()  # (B, T, 1)
+    n_tail = (log_s.shape[-1] - used.sum(-1, keepdim=True)).clamp(min=1)
+    log_u = torch.log((1 - t_mass).clamp(min=TAIL_FLOOR)) - torch.log(n_tail.to(log_s.dtype))  # (B, T, 1)
+    # amax, not a plain scatter: an unused slot's -inf must not overwrite the used slot it shares an id with
+    log_t = log_u.expand_as(log_s).scatter_reduce(-1, teacher_ids, log_t_k, reduce="amax", include_self=False)
+    return log_t, log_s
+
+
+def forward_kl_spread(student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor) -> Tensor:
+    """KL(teacher || student) with the spread tail, per position (B, T), in closed form: the tail's u = rest / (V - k)
+    on each of its tokens gives rest·log u − u·Σ_tail log q, and Σ_tail log q is the sum over the vocabulary minus
+    the top-k's; nothing vocabulary-sized is built for the teacher (equal to `divergence("forward", *topk_spread(...))`,
+    ~10% faster on the demo's training step)."""
+    log_s = F.log_softmax(_upcast(student_logits), dim=-1)  # (B, T, V)
+    log_t_k = teacher_logprobs.to(log_s.dtype)
+    used = log_t_k > float("-inf")
+    log_s_k = log_s.gather(-1, teacher_ids)  # (B, T, k)
+    p_k = log_t_k.exp()
+    head = torch.where(used, p_k * (log_t_k - log_s_k), torch.zeros_like(p_k)).sum(-1)  # (B, T)
+    rest = (1 - p_k.sum(-1)).clamp(min=TAIL_FLOOR)
+    n_tail = (log_s.shape[-1] - used.sum(-1)).clamp(min=1).to(log_s.dtype)
+    u = rest / n_tail
+    tail_log_q = log_s.sum(-1) - torch.where(used, log_s_k, torch.zeros_like(log_s_k)).sum(-1)
+    return head + rest * torch.log(u) - u * tail_log_q
+
+
 def _upcast(x: Tensor) -> Tensor:
     """Losses are computed in at least float32 (half-precision log-softmax loses the tail); float64 stays."""
     return x if x.dtype == torch.float64 else x.float()
@@ -97,7 +138,7 @@ def sft(student_logits: Tensor, mask: Tensor, labels: Tensor, **_) -> Tensor:
 def _make(kind: str) -> Callable[..., Tensor]:
     def loss(student_logits: Tensor, mask: Tensor, teacher_logits: Tensor | None = None,
              teacher_ids: Tensor | None = None, teacher_logprobs: Tensor | None = None, beta: float = 0.5,
-             **_) -> Tensor:
+             tail: str = "spread", **_) -> Tensor:
         if teacher_logits is not None:
             if teacher_logits.shape[-1] != student_logits.shape[-1]:
                 raise ValueError(f"teacher vocabulary {teacher_logits.shape[-1]} != student {student_logits.shape[-1]}"
@@ -105,7 +146,11 @@ def _make(kind: str) -> Callable[..., Tensor]:
             log_t = F.log_softmax(_upcast(teacher_logits), dim=-1)  # (B, T, V)
             log_s = F.log_softmax(_upcast(student_logits), dim=-1)
         elif teacher_ids is not None and teacher_logprobs is not None:
-            log_t, log_s = topk_buckets(student_logits, teacher_ids, teacher_logprobs)  # (B, T, k + 1)
+            if tail not in TAILS:
+                raise ValueError(f"unknown top-k tail {tail!r}; use one of {', '.join(TAILS)}")
+            if kind == "forward" and tail == "spread":
+                return masked_mean(forward_kl_spread(student_logits, teacher_ids, teacher_logprobs), mask)
+            log_t, log_s = TAILS[tail](student_logits, teacher_ids, teacher_logprobs)  # (B, T, V) or (B, T, k + 1)
         else:
             raise ValueError(f"{kind} needs teacher logits or stored top-k logprobs; a text-only teacher needs `sft`")
         return masked_mean(divergence(kind, log_t, log_s, beta), mask)
@@ -114,6 +159,10 @@ def _make(kind: str) -> Callable[..., Tensor]:
     loss.__doc__ = f"Masked mean of the {kind} divergence (see `divergence`), on full logits or top-k + tail."
     return loss
 
+
+# how the teacher's mass outside its stored top-k is modelled (see the module docstring)
+TAILS: dict[str, Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]] = {"spread": topk_spread,
+                                                                              "bucket": topk_buckets}
 
 forward_kl = _make("forward")
 reverse_kl = _make("reverse")

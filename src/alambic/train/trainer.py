@@ -37,6 +37,7 @@ from typing import Literal
 import torch
 import transformers
 from pydantic import Field, field_validator
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .. import __version__, tasks
 from ..config import Config
@@ -79,6 +80,10 @@ class TrainConfig(Config):
     # the teacher signal
     loss: str = Field("sft", description=f"training loss: {', '.join(TRAIN_LOSSES)}")
     beta: float = Field(0.5, gt=0, lt=1, description="jsd mixture weight β")
+    tail: Literal["spread", "bucket"] = Field(
+        "spread", description="stored top-k: the teacher's mass outside its top-k spread evenly over the other tokens "
+        "(spread), or one tail bucket against the student's whole tail (bucket: lets the student put that mass on "
+        "any one token, end-of-text included)")
     teacher: str | None = Field(None, description="local teacher model directory: full logits, computed on the fly")
     teacher_url: str | None = Field(None, description="HTTP teacher base URL (…/v1) to score on-policy samples")
     teacher_model: str = Field("", description="HTTP teacher model name ('' = the first one listed)")
@@ -96,7 +101,10 @@ class TrainConfig(Config):
     steps: int = Field(200, gt=0, description="optimiser steps")
     batch_size: int = Field(16, gt=0, description="rows per optimiser step, over all processes")
     grad_accum: int = Field(1, gt=0, description="micro-batches of `batch_size` accumulated per step")
-    lr: float = Field(1e-3, gt=0, description="peak learning rate (linear warm-up, cosine decay to 10%)")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate (linear warm-up, cosine decay to --min-lr)")
+    min_lr: float = Field(0.1, ge=0, le=1, description="learning rate at the last step, × the peak")
+    ema: float = Field(0.0, ge=0, lt=1, description="decay of an exponential moving average of the weights, which "
+                       "the final validation and the saved model use (0: off, the last step's weights)")
     warmup: int = Field(10, ge=0, description="warm-up steps")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on matrices")
     max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping (0: none)")
@@ -213,6 +221,7 @@ class Signal:
                 teacher_ids=batch["top_ids"][:, 1:][keep].unsqueeze(0).long(),
                 teacher_logprobs=batch["top_lp"][:, 1:][keep].unsqueeze(0),
                 beta=self.cfg.beta,
+                tail=self.cfg.tail,
             )
         if self.teacher is None:
             raise ValueError(f"loss {name!r} needs a local --teacher or interactions with stored logprobs")
@@ -413,10 +422,16 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> dic
         lr=cfg.lr,
         betas=(0.9, 0.98),
     )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup, cfg.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup, cfg.steps, cfg.min_lr))
     model, opt, sched = accelerator.prepare(model, opt, sched)
     if teacher is not None:
         teacher.to(accelerator.device)
+    # Polyak averaging (torch's swa_utils): the average of the last ~1/(1 - ema) steps' weights is saved instead of
+    # the last step's, which sit wherever the final minibatches left them.
+    ema = None
+    if cfg.ema:
+        ema = AveragedModel(accelerator.unwrap_model(model), multi_avg_fn=get_ema_multi_avg_fn(cfg.ema))
+        accelerator.register_for_checkpointing(ema)
 
     # resume
     start, tokens, prior_s = 0, 0, 0.0
@@ -502,6 +517,12 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> dic
         opt.zero_grad(set_to_none=True)
         done = step + 1
         last = done == cfg.steps
+        if ema is not None:
+            ema.update_parameters(unwrapped)
+            if last:  # the final validation and the save see the averaged weights
+                with torch.no_grad():
+                    for p, avg in zip(unwrapped.parameters(), ema.module.parameters(), strict=True):
+                        p.copy_(avg)
         if done % 10 == 0 or last or (cfg.eval_every and done % cfg.eval_every == 0):
             point = {
                 "step": done,
