@@ -192,3 +192,35 @@ def test_identical_distributions_give_zero(data):
         LOSSES["forward_kl"](s, mask)
     with pytest.raises(ValueError, match="vocabulary"):
         LOSSES["forward_kl"](s, mask, teacher_logits=torch.randn(B, T, V + 1, dtype=torch.float64))
+
+
+def test_relation_kl_against_explicit_reference():
+    """MiniLMv2 relations on a packed row: each row's softmax over what it may see (causal, own example, no padding),
+    widths 6 (student) and 10 (teacher) re-split into 2 relation heads; KL row by row in float64."""
+    from alambic.train import data as D
+    from alambic.train.losses import relation_heads, relation_kl
+
+    g = torch.Generator().manual_seed(0)
+    batch = {"attention_mask": torch.tensor([[1, 1, 1, 1, 1, 0]]), "position_ids": torch.tensor([[0, 1, 2, 0, 1, 0]])}
+    allowed = D.visible(batch)
+    assert allowed[0, 3].tolist() == [False, False, False, True, False, False]  # the 2nd example starts afresh
+    assert not allowed[0, 5].any()  # padding sees nothing
+    s = [torch.randn(1, 6, 6, generator=g, dtype=torch.float64) for _ in range(3)]
+    t = [torch.randn(1, 6, 10, generator=g, dtype=torch.float64) for _ in range(3)]
+    assert relation_heads(6, 10, 5) == 2
+    ref = 0.0
+    for xs, xt in zip(s, t, strict=True):
+        per = []
+        for h in range(2):
+            a, b = xs[0, :, h * 3:(h + 1) * 3], xt[0, :, h * 5:(h + 1) * 5]
+            for i in range(5):
+                seen = [j for j in range(6) if allowed[0, i, j]]
+                ps = torch.softmax(torch.stack([a[i] @ a[j] / 3 ** 0.5 for j in seen]), 0)
+                pt = torch.softmax(torch.stack([b[i] @ b[j] / 5 ** 0.5 for j in seen]), 0)
+                per.append(float((pt * (pt / ps).log()).sum()))
+        ref += sum(per) / len(per)
+    assert relation_kl(s, t, allowed, most_heads=5).item() == pytest.approx(ref, rel=1e-9)
+    x = [v.clone().requires_grad_(True) for v in s]
+    relation_kl(x, t, allowed, most_heads=5).backward()
+    assert all(torch.isfinite(v.grad).all() and v.grad[0, 5].abs().sum() == 0 for v in x)  # padding: no gradient
+    assert relation_kl(t, t, allowed, most_heads=5).item() == pytest.approx(0, abs=1e-12)

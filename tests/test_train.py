@@ -132,6 +132,23 @@ def test_reverse_kl_on_local_teacher_logits(interactions, tiny_model_dir, tmp_pa
     assert last < first and m["signal"] == "logits"
 
 
+def test_relation_loss_on_a_pruned_student(interactions, tiny_model_dir, tmp_path):
+    """--relation-weight: a pruned student (narrower than its teacher) learns the teacher's attention relations
+    beside its logits, on packed rows; without a local teacher it is a clear error."""
+    kw = dict(student=f"prune:{tiny_model_dir}", ratio=0.5, loss="forward_kl", packing=True, max_len=256,
+              batch_size=4, steps=20)
+    with pytest.raises(ValueError, match="--teacher"):
+        run(config(interactions, tmp_path / "no_teacher", tiny_model_dir, relation_weight=1.0, **kw))
+    losses = {}
+    for w in (0.0, 1.0):
+        out = tmp_path / f"w{w}"
+        m = run(config(interactions, out, None, teacher=str(tiny_model_dir), relation_weight=w, **kw))
+        losses[w] = [p["loss"] for p in curve(out) if "loss" in p]
+        assert m["signal"] == "logits"
+    assert losses[1.0][0] > losses[0.0][0]  # the relation term is in the training loss
+    assert losses[1.0][-1] < losses[1.0][0]
+
+
 def test_on_policy_with_http_and_local_teacher(interactions, tiny_model_dir, tiny_server, tmp_path):
     common = dict(loss="on_policy", on_policy_lambda=1.0, steps=3, gen_max_tokens=8, batch_size=4)
     m = run(

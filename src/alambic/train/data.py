@@ -288,6 +288,18 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | boo
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
 
 
+def visible(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, T, T) bool: which positions each position's attention sees (causal, within its own packed example, no
+    padding), as the model's mask does."""
+    valid = batch["attention_mask"].bool()
+    T = valid.shape[1]
+    seen = torch.ones(T, T, dtype=torch.bool, device=valid.device).tril() & valid[:, :, None] & valid[:, None, :]
+    if "position_ids" in batch:
+        example = (batch["position_ids"] == 0).cumsum(-1)  # (B, T): which example of the row each position is
+        seen &= example[:, :, None] == example[:, None, :]
+    return seen
+
+
 @torch.no_grad()
 def check_isolation(model, examples: list[Example], pad_id: int, tol: float = 1e-3) -> float:
     """Raise unless the logits of examples packed in one row equal those of each example alone (max |diff|).

@@ -175,3 +175,40 @@ LOSSES: dict[str, Callable[..., Tensor]] = {
     "reverse_kl": reverse_kl,
     "jsd": jsd,
 }
+
+
+# --- white-box: self-attention relations (MiniLMv2) ------------------------------------------------------------------
+
+
+def relation_heads(width_s: int, width_t: int, most: int) -> int:
+    """Relation heads for two projections of widths `width_s` and `width_t`: the largest count ≤ `most` that divides
+    both (MiniLMv2 re-splits the concatenated heads so that student and teacher need not have the same heads)."""
+    return max(r for r in range(1, most + 1) if width_s % r == 0 and width_t % r == 0)
+
+
+def _relations(x: Tensor, n: int, allowed: Tensor) -> Tensor:
+    """Log-softmax relation of (B, T, D) vectors split into n heads: (B, n, T, T), -inf where not `allowed`."""
+    B, T, D = x.shape
+    h = _upcast(x).view(B, T, n, D // n).transpose(1, 2)  # (B, n, T, d)
+    scores = h @ h.transpose(-1, -2) / math.sqrt(D // n)
+    return F.log_softmax(scores.masked_fill(~allowed[:, None], float("-inf")), dim=-1)
+
+
+def relation_kl(student: list[Tensor], teacher: list[Tensor], allowed: Tensor, most_heads: int) -> Tensor:
+    """MiniLMv2's self-attention relation loss (Wang et al., ACL Findings 2021): for each pair of projections (the
+    queries, keys and values of one layer, student and teacher), the KL(teacher || student) between their
+    scaled dot-product relations, row by row, over the positions each row may see (`allowed` (B, T, T) bool: the
+    causal mask of the row's own example). Widths may differ. Returns the sum over
+    the pairs of the mean over rows and relation heads."""
+    rows = allowed.any(-1)  # (B, T): padding rows see nothing and do not count
+    # ... but each gets its own position, so no softmax row is all -inf (its NaN would reach the gradient)
+    allowed = allowed | torch.eye(allowed.shape[-1], dtype=torch.bool, device=allowed.device)
+    total = torch.zeros((), dtype=torch.float64 if student[0].dtype == torch.float64 else torch.float32,
+                        device=student[0].device)
+    for s, t in zip(student, teacher, strict=True):
+        n = relation_heads(s.shape[-1], t.shape[-1], most_heads)
+        log_s, log_t = _relations(s, n, allowed), _relations(t.detach(), n, allowed)
+        p_t = log_t.exp()
+        kl = torch.where(allowed[:, None], p_t * (log_t - log_s), torch.zeros_like(p_t)).sum(-1)  # (B, n, T)
+        total = total + masked_mean(kl.mean(1), rows)
+    return total

@@ -44,7 +44,7 @@ from ..config import Config
 from ..modeling import n_params
 from ..teacher import encode, lr_factor, skill_accuracy
 from . import data as D
-from .losses import LOSSES
+from .losses import LOSSES, relation_kl
 from .students import Shape, lora, make_student, merged
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,11 @@ class TrainConfig(Config):
     teacher_url: str | None = Field(None, description="HTTP teacher base URL (…/v1) to score on-policy samples")
     teacher_model: str = Field("", description="HTTP teacher model name ('' = the first one listed)")
     teacher_api_key_env: str = Field("OPENAI_API_KEY", description="env var holding the HTTP teacher's API key")
+    relation_weight: float = Field(
+        0.0, ge=0, description="weight of MiniLMv2's self-attention relation loss against the local --teacher (0: off; "
+        "white-box: the teacher's queries, keys and values of one layer)")
+    relation_layer: int = Field(-1, description="student layer whose relations are distilled (-1: the last), matched "
+                                "to the teacher's layer at the same depth")
     top_k: int = Field(0, ge=0, le=20, description="top-k logprobs used (0: all stored; 20 asked of an HTTP teacher)")
     on_policy_lambda: float = Field(0.5, ge=0, le=1, description="on_policy: fraction of steps on student samples")
     divergence: str = Field("jsd", description="on_policy: divergence (forward_kl, reverse_kl or jsd)")
@@ -143,6 +148,30 @@ class TrainConfig(Config):
     @property
     def divergence_name(self) -> str:
         return self.divergence if self.loss == "on_policy" else self.loss
+
+
+def _layers(model) -> torch.nn.ModuleList:
+    """The decoder layers of a Llama/Qwen-style model, also inside DDP or peft wrappers."""
+    for name, m in model.named_modules():
+        if name.split(".")[-1] == "layers" and isinstance(m, torch.nn.ModuleList):
+            return m
+    raise ValueError(f"{type(model).__name__} has no decoder `layers`: relation loss needs a Llama-style model")
+
+
+@contextlib.contextmanager
+def capture_qkv(model, layer: int):
+    """[queries, keys, values]: the outputs of one decoder layer's q/k/v projections in the forward pass run inside."""
+    attn = _layers(model)[layer].self_attn
+    got: dict[str, torch.Tensor] = {}
+    hooks = [getattr(attn, f"{p}_proj").register_forward_hook(lambda _m, _a, y, p=p: got.__setitem__(p, y))
+             for p in "qkv"]
+    out: list[torch.Tensor] = []
+    try:
+        yield out
+    finally:
+        for h in hooks:
+            h.remove()
+        out.extend(got[p] for p in "qkv" if p in got)
 
 
 # --- teacher signal --------------------------------------------------------------------------------------------------
@@ -204,8 +233,26 @@ class Signal:
     def __init__(self, cfg: TrainConfig, teacher, scorer: HttpScorer | None) -> None:
         self.cfg, self.teacher, self.scorer = cfg, teacher, scorer
 
-    def loss(self, model, batch: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-        """Mean loss `name` over the completion tokens of `batch`; only those positions reach the loss functions."""
+    def loss(self, model, batch: dict[str, torch.Tensor], name: str, relations: bool = False) -> torch.Tensor:
+        """Mean loss `name` over the completion tokens of `batch`; only those positions reach the loss functions.
+        With `relations` and a --relation-weight, plus that times the self-attention relation loss against the local
+        teacher, over every position (prompt tokens included: they are what attention reads)."""
+        if not (relations and self.cfg.relation_weight):
+            return self.logit_loss(model, batch, name)
+        if self.teacher is None:
+            raise ValueError("--relation-weight needs the teacher's weights: give a local --teacher DIR")
+        n_s, n_t = len(_layers(model)), len(_layers(self.teacher))
+        layer = self.cfg.relation_layer % n_s
+        t_layer = round(layer * (n_t - 1) / max(1, n_s - 1))
+        with capture_qkv(model, layer) as student, capture_qkv(self.teacher, t_layer) as teacher:
+            out = self.logit_loss(model, batch, name)  # runs the teacher too when it gives the logits
+        if not teacher:  # the logits came from stored top-k: one teacher pass for its relations
+            with torch.no_grad(), capture_qkv(self.teacher, t_layer) as teacher:
+                self.teacher(**D.model_inputs(batch))
+        rel = relation_kl(student, teacher, D.visible(batch), self.teacher.config.num_attention_heads)
+        return out + self.cfg.relation_weight * rel
+
+    def logit_loss(self, model, batch: dict[str, torch.Tensor], name: str) -> torch.Tensor:
         kw = D.model_inputs(batch)
         logits = model(**kw).logits[:, :-1]  # (B, T-1, V): position t predicts t+1
         labels = batch["labels"][:, 1:]  # (B, T-1)
@@ -508,7 +555,7 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> dic
             tok_loop += n * accelerator.num_processes
             sync = accelerator.no_sync(model) if micro < cfg.grad_accum - 1 else contextlib.nullcontext()
             with sync:
-                loss = signal.loss(model, batch, name) / cfg.grad_accum
+                loss = signal.loss(model, batch, name, relations=True) / cfg.grad_accum
                 accelerator.backward(loss)
             total += loss.item()
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm else None
