@@ -239,8 +239,10 @@ def describe_student(st: dict) -> str:
         how = f"built from scratch (preset {m['preset']})"
     else:
         how = f"from {m.get('source', '?')}"
-    return (f"{st['parameters']:,} parameters, {how}, distilled with {st['loss']} for {st.get('steps', '?')} steps "
-            f"in {st['train_seconds']:.0f}s")
+    rel = (f" (the first {st['relation_steps']} also on the teacher's attention relations, MiniLMv2)"
+           if st.get("relation_steps") else "")
+    return (f"{st['parameters']:,} parameters, {how}, distilled with {st['loss']} for {st.get('steps', '?')} steps"
+            f"{rel} in {st['train_seconds']:.0f}s")
 
 
 def _demo_smollm2(cfg):

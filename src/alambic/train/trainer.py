@@ -91,6 +91,10 @@ class TrainConfig(Config):
     relation_weight: float = Field(
         0.0, ge=0, description="weight of MiniLMv2's self-attention relation loss against the local --teacher (0: off; "
         "white-box: the teacher's queries, keys and values of one layer)")
+    relation_teacher: str | None = Field(
+        None, description="local model whose attention relations the student learns (default: the local --teacher); "
+        "the logits still come from --teacher or the stored top-k, so a teacher run only for its relations")
+    relation_steps: int = Field(0, ge=0, description="the relation loss on the first N steps only (0: on every step)")
     relation_layer: int = Field(-1, description="student layer whose relations are distilled (-1: the last), matched "
                                 "to the teacher's layer at the same depth")
     top_k: int = Field(0, ge=0, le=20, description="top-k logprobs used (0: all stored; 20 asked of an HTTP teacher)")
@@ -230,26 +234,25 @@ class HttpScorer:
 class Signal:
     """Computes the loss of a batch: chooses the teacher signal (labels, local logits, stored or scored top-k)."""
 
-    def __init__(self, cfg: TrainConfig, teacher, scorer: HttpScorer | None) -> None:
-        self.cfg, self.teacher, self.scorer = cfg, teacher, scorer
+    def __init__(self, cfg: TrainConfig, teacher, scorer: HttpScorer | None, relation_teacher=None) -> None:
+        self.cfg, self.teacher, self.scorer, self.relation_teacher = cfg, teacher, scorer, relation_teacher
 
     def loss(self, model, batch: dict[str, torch.Tensor], name: str, relations: bool = False) -> torch.Tensor:
         """Mean loss `name` over the completion tokens of `batch`; only those positions reach the loss functions.
         With `relations` and a --relation-weight, plus that times the self-attention relation loss against the local
         teacher, over every position (prompt tokens included: they are what attention reads)."""
-        if not (relations and self.cfg.relation_weight):
+        if not (relations and self.relation_teacher is not None):
             return self.logit_loss(model, batch, name)
-        if self.teacher is None:
-            raise ValueError("--relation-weight needs the teacher's weights: give a local --teacher DIR")
-        n_s, n_t = len(_layers(model)), len(_layers(self.teacher))
+        rt = self.relation_teacher
+        n_s, n_t = len(_layers(model)), len(_layers(rt))
         layer = self.cfg.relation_layer % n_s
         t_layer = round(layer * (n_t - 1) / max(1, n_s - 1))
-        with capture_qkv(model, layer) as student, capture_qkv(self.teacher, t_layer) as teacher:
+        with capture_qkv(model, layer) as student, capture_qkv(rt, t_layer) as teacher:
             out = self.logit_loss(model, batch, name)  # runs the teacher too when it gives the logits
-        if not teacher:  # the logits came from stored top-k: one teacher pass for its relations
-            with torch.no_grad(), capture_qkv(self.teacher, t_layer) as teacher:
-                self.teacher(**D.model_inputs(batch))
-        rel = relation_kl(student, teacher, D.visible(batch), self.teacher.config.num_attention_heads)
+        if not teacher:  # the logits came from stored top-k (or another teacher): one pass for the relations
+            with torch.no_grad(), capture_qkv(rt, t_layer) as teacher:
+                rt(**D.model_inputs(batch))
+        rel = relation_kl(student, teacher, D.visible(batch), rt.config.num_attention_heads)
         return out + self.cfg.relation_weight * rel
 
     def logit_loss(self, model, batch: dict[str, torch.Tensor], name: str) -> torch.Tensor:
@@ -430,6 +433,22 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> dic
         teacher, teacher_tok = load(cfg.teacher)
         teacher.requires_grad_(False)
     mode = check_signal(cfg, tokenizer, teacher_tok, records)
+    relation_teacher = None
+    if cfg.relation_weight:
+        src = cfg.relation_teacher or cfg.teacher
+        if src is None:
+            raise ValueError("--relation-weight needs the teacher's weights: --relation-teacher DIR (or a local "
+                             "--teacher DIR)")
+        if src == cfg.teacher:
+            relation_teacher = teacher
+        else:
+            from ..modeling import load
+
+            relation_teacher, rel_tok = load(src)
+            relation_teacher.requires_grad_(False)
+            if not D.same_tokenizer(tokenizer, rel_tok):
+                raise D.TokenizerMismatch(f"--relation-teacher {src} does not use the student's tokenizer: their "
+                                          "positions would not line up")
     val_name = "sft" if mode == "labels" else cfg.divergence_name  # the objective on stored data
     table = D.token_table(tokenizer) if mode == "topk" or cfg.teacher_url else None
     t_enc = time.time()
@@ -503,7 +522,9 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> dic
     )
     loader = accelerator.prepare(loader)
     scorer = HttpScorer(cfg, table) if cfg.loss == "on_policy" and cfg.teacher is None else None
-    signal = Signal(cfg, teacher, scorer)
+    if relation_teacher is not None:
+        relation_teacher.to(accelerator.device)
+    signal = Signal(cfg, teacher, scorer, relation_teacher)
     unwrapped = accelerator.unwrap_model(model)
 
     def record(point: dict) -> None:
@@ -555,7 +576,8 @@ def run(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> dic
             tok_loop += n * accelerator.num_processes
             sync = accelerator.no_sync(model) if micro < cfg.grad_accum - 1 else contextlib.nullcontext()
             with sync:
-                loss = signal.loss(model, batch, name, relations=True) / cfg.grad_accum
+                relations = not cfg.relation_steps or step < cfg.relation_steps
+                loss = signal.loss(model, batch, name, relations=relations) / cfg.grad_accum
                 accelerator.backward(loss)
             total += loss.item()
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm else None
