@@ -147,6 +147,14 @@ def test_relation_loss_on_a_pruned_student(interactions, tiny_model_dir, tmp_pat
         assert m["signal"] == "logits"
     assert losses[1.0][0] > losses[0.0][0]  # the relation term is in the training loss
     assert losses[1.0][-1] < losses[1.0][0]
+    # stored top-k for the logits, the teacher run only for its relations, on the first 10 of 20 steps
+    for name, extra in (("topk", {}), ("topk_rel", dict(relation_teacher=str(tiny_model_dir), relation_weight=1.0,
+                                                        relation_steps=10))):
+        out = tmp_path / name
+        m = run(config(interactions, out, tiny_model_dir, **kw, **extra))
+        losses[name] = [p["loss"] for p in curve(out) if "loss" in p]
+        assert m["signal"] == "topk"
+    assert losses["topk_rel"][0] > losses["topk"][0]
 
 
 def test_on_policy_with_http_and_local_teacher(interactions, tiny_model_dir, tiny_server, tmp_path):

@@ -296,8 +296,10 @@ def token_kl(student: Local, teacher, items: list[Item], teacher_replies: list[s
             s_logits, t_logits = data.align_vocab(s_logits, t_logits)
             kl = losses.forward_kl(s_logits, mask, teacher_logits=t_logits)
         else:
+            # k + 1 buckets, not the training loss's spread tail: a measurement, a lower bound of the true KL that
+            # assumes nothing of the teacher's tail (0 for a student with the teacher's weights)
             kl = losses.forward_kl(s_logits, mask, teacher_ids=batch["top_ids"][:, 1:],
-                                   teacher_logprobs=batch["top_lp"][:, 1:])
+                                   teacher_logprobs=batch["top_lp"][:, 1:], tail="bucket")
         n = int(mask.sum())
         total, count = total + kl.item() * n, count + n
     return total / count if count else None

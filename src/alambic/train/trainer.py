@@ -9,7 +9,8 @@ versions, counts, time) and `curve.jsonl` (training curve: loss, validation loss
 Losses (`loss`), by what the teacher gives:
 - `sft`: cross-entropy on the teacher's tokens (sequence-level KD, Kim & Rush, 2016);
 - `forward_kl`, `reverse_kl`, `jsd`: on a local teacher's full logits (`teacher`), computed on the fly, else on the
-  stored top-k logprobs (k + 1 buckets with a tail, see losses.py);
+  stored top-k logprobs (the rest of the teacher's mass spread over the other tokens, or one tail bucket: see
+  losses.py); plus, with a local teacher's weights, its attention relations (--relation-weight, MiniLMv2);
 - `on_policy`: GKD (Agarwal et al., ICLR 2024): with probability `on_policy_lambda` a step trains on completions
   sampled from the student itself for the batch's prompts, scored by the teacher (local: full logits; HTTP:
   `/v1/completions` with `echo` and `logprobs`), with the divergence `divergence`; otherwise on the stored data.
