@@ -67,6 +67,16 @@ def test_topk_with_k_equal_vocab_equals_full_logits(data, name, tail):
     assert topk.item() == pytest.approx(full.item(), rel=1e-6, abs=1e-9)
 
 
+def reference(kind: str, pt: torch.Tensor, ps: torch.Tensor) -> torch.Tensor:
+    """The divergence between two explicit float64 distributions, by torch.distributions or by its sum (jsd, β 0.5)."""
+    if kind == "forward":
+        return kl_divergence(Categorical(probs=pt), Categorical(probs=ps))
+    if kind == "reverse":
+        return kl_divergence(Categorical(probs=ps), Categorical(probs=pt))
+    m = 0.5 * pt + 0.5 * ps
+    return 0.5 * (pt * (pt / m).log()).sum() + 0.5 * (ps * (ps / m).log()).sum()
+
+
 @pytest.mark.parametrize("kind", ["forward", "reverse", "jsd"])
 def test_topk_tail_bucket_against_explicit_reference(data, kind):
     s, t, mask, _ = data
@@ -85,14 +95,7 @@ def test_topk_tail_bucket_against_explicit_reference(data, kind):
             ps = [ps_all[b, i, j].item() for j in ids]
             pt.append(1 - sum(pt))
             ps.append(1 - sum(ps))
-            pt_, ps_ = torch.tensor(pt, dtype=torch.float64), torch.tensor(ps, dtype=torch.float64)
-            if kind == "forward":
-                vals[b, i] = kl_divergence(Categorical(probs=pt_), Categorical(probs=ps_))
-            elif kind == "reverse":
-                vals[b, i] = kl_divergence(Categorical(probs=ps_), Categorical(probs=pt_))
-            else:
-                m = 0.5 * pt_ + 0.5 * ps_
-                vals[b, i] = 0.5 * (pt_ * (pt_ / m).log()).sum() + 0.5 * (ps_ * (ps_ / m).log()).sum()
+            vals[b, i] = reference(kind, torch.tensor(pt, dtype=torch.float64), torch.tensor(ps, dtype=torch.float64))
     assert got.item() == pytest.approx(ref_mean(vals, mask), rel=1e-6)
 
 
@@ -114,14 +117,7 @@ def test_topk_spread_tail_against_explicit_reference(data, kind):
             rest = 1 - sum(lt[b, i, j].exp().item() for j in ids)
             pt_ = torch.tensor([lt[b, i, j].exp().item() if j in ids else rest / (V - k) for j in range(V)],
                                dtype=torch.float64)
-            ps_ = ps_all[b, i]
-            if kind == "forward":
-                vals[b, i] = kl_divergence(Categorical(probs=pt_), Categorical(probs=ps_))
-            elif kind == "reverse":
-                vals[b, i] = kl_divergence(Categorical(probs=ps_), Categorical(probs=pt_))
-            else:
-                m = 0.5 * pt_ + 0.5 * ps_
-                vals[b, i] = 0.5 * (pt_ * (pt_ / m).log()).sum() + 0.5 * (ps_ * (ps_ / m).log()).sum()
+            vals[b, i] = reference(kind, pt_, ps_all[b, i])
     assert got.item() == pytest.approx(ref_mean(vals, mask), rel=1e-6)
     if kind == "forward":  # the closed form the loss uses equals the divergence over the dense spread teacher
         dense = divergence("forward", *topk_spread(s, top.indices, top.values))

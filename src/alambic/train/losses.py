@@ -89,6 +89,14 @@ def topk_buckets(student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs: 
     return torch.cat([log_t_k, log_t_tail], -1), torch.cat([log_s_k, log_s_tail], -1)
 
 
+def _spread_tail(log_t_k: Tensor, vocab: int) -> tuple[Tensor, Tensor, Tensor]:
+    """For stored top-k log-probs (B, T, k): which slots are used (unused ones are -inf and repeat a used id, see
+    `topk_buckets`), the teacher's mass outside them (B, T), floored, and the number of tokens it spreads over."""
+    used = log_t_k > float("-inf")
+    rest = (1 - log_t_k.exp().sum(-1)).clamp(min=TAIL_FLOOR)
+    return used, rest, (vocab - used.sum(-1)).clamp(min=1).to(log_t_k.dtype)
+
+
 def topk_spread(student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor) -> tuple[Tensor, Tensor]:
     """Teacher and student log-probs over the whole vocabulary, the teacher's from its top-k: those k exact, the
     rest of its mass spread evenly over the other tokens (the maximum-entropy completion; each tail token then
@@ -96,10 +104,8 @@ def topk_spread(student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs: T
     (B, T, V)."""
     log_s = F.log_softmax(_upcast(student_logits), dim=-1)  # (B, T, V)
     log_t_k = teacher_logprobs.to(log_s.dtype)
-    used = log_t_k > float("-inf")  # unused slots repeat a used id (see topk_buckets)
-    t_mass = torch.logsumexp(log_t_k, -1, keepdim=True).exp()  # (B, T, 1)
-    n_tail = (log_s.shape[-1] - used.sum(-1, keepdim=True)).clamp(min=1)
-    log_u = torch.log((1 - t_mass).clamp(min=TAIL_FLOOR)) - torch.log(n_tail.to(log_s.dtype))  # (B, T, 1)
+    _, rest, n_tail = _spread_tail(log_t_k, log_s.shape[-1])
+    log_u = (torch.log(rest) - torch.log(n_tail)).unsqueeze(-1)  # (B, T, 1)
     # amax, not a plain scatter: an unused slot's -inf must not overwrite the used slot it shares an id with
     log_t = log_u.expand_as(log_s).scatter_reduce(-1, teacher_ids, log_t_k, reduce="amax", include_self=False)
     return log_t, log_s
@@ -108,19 +114,15 @@ def topk_spread(student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs: T
 def forward_kl_spread(student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor) -> Tensor:
     """KL(teacher || student) with the spread tail, per position (B, T), in closed form: the tail's u = rest / (V - k)
     on each of its tokens gives rest·log u − u·Σ_tail log q, and Σ_tail log q is the sum over the vocabulary minus
-    the top-k's; nothing vocabulary-sized is built for the teacher (equal to `divergence("forward", *topk_spread(...))`,
-    ~10% faster on the demo's training step)."""
+    the top-k's; nothing vocabulary-sized is built for the teacher (equal to `divergence("forward", *topk_spread(...))`;
+    on the demo's student the dense form trained at 17.1k tokens/s, this one at 20.3k, in two different runs)."""
     log_s = F.log_softmax(_upcast(student_logits), dim=-1)  # (B, T, V)
     log_t_k = teacher_logprobs.to(log_s.dtype)
-    used = log_t_k > float("-inf")
-    log_s_k = log_s.gather(-1, teacher_ids)  # (B, T, k)
-    p_k = log_t_k.exp()
-    head = torch.where(used, p_k * (log_t_k - log_s_k), torch.zeros_like(p_k)).sum(-1)  # (B, T)
-    rest = (1 - p_k.sum(-1)).clamp(min=TAIL_FLOOR)
-    n_tail = (log_s.shape[-1] - used.sum(-1)).clamp(min=1).to(log_s.dtype)
+    used, rest, n_tail = _spread_tail(log_t_k, log_s.shape[-1])
+    log_s_k = torch.where(used, log_s.gather(-1, teacher_ids), torch.zeros_like(log_t_k))  # (B, T, k)
+    head = torch.where(used, log_t_k.exp() * (log_t_k - log_s_k), torch.zeros_like(log_t_k)).sum(-1)  # (B, T)
     u = rest / n_tail
-    tail_log_q = log_s.sum(-1) - torch.where(used, log_s_k, torch.zeros_like(log_s_k)).sum(-1)
-    return head + rest * torch.log(u) - u * tail_log_q
+    return head + rest * torch.log(u) - u * (log_s.sum(-1) - log_s_k.sum(-1))
 
 
 def _upcast(x: Tensor) -> Tensor:
@@ -203,12 +205,12 @@ def relation_kl(student: list[Tensor], teacher: list[Tensor], allowed: Tensor, m
     rows = allowed.any(-1)  # (B, T): padding rows see nothing and do not count
     # ... but each gets its own position, so no softmax row is all -inf (its NaN would reach the gradient)
     allowed = allowed | torch.eye(allowed.shape[-1], dtype=torch.bool, device=allowed.device)
-    total = torch.zeros((), dtype=torch.float64 if student[0].dtype == torch.float64 else torch.float32,
-                        device=student[0].device)
-    for s, t in zip(student, teacher, strict=True):
+
+    def pair(s: Tensor, t: Tensor) -> Tensor:
         n = relation_heads(s.shape[-1], t.shape[-1], most_heads)
         log_s, log_t = _relations(s, n, allowed), _relations(t.detach(), n, allowed)
         p_t = log_t.exp()
         kl = torch.where(allowed[:, None], p_t * (log_t - log_s), torch.zeros_like(p_t)).sum(-1)  # (B, n, T)
-        total = total + masked_mean(kl.mean(1), rows)
-    return total
+        return masked_mean(kl.mean(1), rows)
+
+    return sum(pair(s, t) for s, t in zip(student, teacher, strict=True))

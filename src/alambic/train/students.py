@@ -52,11 +52,13 @@ def keep_layers(n_total: int, n_keep: int) -> list[int]:
     return [round(i * (n_total - 1) / (n_keep - 1)) for i in range(n_keep)]
 
 
-def _decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise ValueError(f"cannot prune {type(model).__name__}: it has no `model.layers` (Llama-style decoders only)")
-    return layers
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The decoder layers of a Llama/Qwen-style model (`model.layers`), also inside DDP or peft wrappers."""
+    for name, m in model.named_modules():
+        if name.split(".")[-1] == "layers" and isinstance(m, torch.nn.ModuleList):
+            return m
+    raise ValueError(f"{type(model).__name__} has no decoder `layers`: pruning and the relation loss need a "
+                     "Llama-style decoder")
 
 
 # --- importance (Minitron: activation-based, one forward pass over calibration prompts) -----------------------------
@@ -76,7 +78,7 @@ class Importance:
 @torch.no_grad()
 def importance(model: PreTrainedModel, calib: list[list[int]]) -> Importance:
     """Activation importance of every hidden channel, head, MLP channel and layer over `calib` (token id lists)."""
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     cfg = model.config
     n_heads = cfg.num_attention_heads
     hidden = torch.zeros(cfg.hidden_size)
@@ -280,7 +282,7 @@ def prune(
     the same class whose config says its new sizes, so `save_pretrained` gives a directory transformers loads."""
     cfg = model.config
     shape = (shape or Shape()).resolved(cfg)
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     n_heads, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
     d = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
     for name, value, full in (("hidden", shape.hidden, cfg.hidden_size), ("heads", shape.heads, n_heads),
@@ -307,7 +309,7 @@ def prune(
     )
     model = copy.deepcopy(model)
     cfg = model.config  # the copy's: the source model stays as it was
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     h_idx = _top(scores.hidden, shape.hidden) if shape.hidden < cfg.hidden_size else None
     for i in keep:
         attn, mlp = layers[i].self_attn, layers[i].mlp

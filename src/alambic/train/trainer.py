@@ -46,7 +46,7 @@ from ..modeling import n_params
 from ..teacher import encode, lr_factor, skill_accuracy
 from . import data as D
 from .losses import LOSSES, relation_kl
-from .students import Shape, lora, make_student, merged
+from .students import Shape, decoder_layers, lora, make_student, merged
 
 log = logging.getLogger(__name__)
 
@@ -155,18 +155,10 @@ class TrainConfig(Config):
         return self.divergence if self.loss == "on_policy" else self.loss
 
 
-def _layers(model) -> torch.nn.ModuleList:
-    """The decoder layers of a Llama/Qwen-style model, also inside DDP or peft wrappers."""
-    for name, m in model.named_modules():
-        if name.split(".")[-1] == "layers" and isinstance(m, torch.nn.ModuleList):
-            return m
-    raise ValueError(f"{type(model).__name__} has no decoder `layers`: relation loss needs a Llama-style model")
-
-
 @contextlib.contextmanager
 def capture_qkv(model, layer: int):
     """[queries, keys, values]: the outputs of one decoder layer's q/k/v projections in the forward pass run inside."""
-    attn = _layers(model)[layer].self_attn
+    attn = decoder_layers(model)[layer].self_attn
     got: dict[str, torch.Tensor] = {}
     hooks = [getattr(attn, f"{p}_proj").register_forward_hook(lambda _m, _a, y, p=p: got.__setitem__(p, y))
              for p in "qkv"]
@@ -245,7 +237,7 @@ class Signal:
         if not (relations and self.relation_teacher is not None):
             return self.logit_loss(model, batch, name)
         rt = self.relation_teacher
-        n_s, n_t = len(_layers(model)), len(_layers(rt))
+        n_s, n_t = len(decoder_layers(model)), len(decoder_layers(rt))
         layer = self.cfg.relation_layer % n_s
         t_layer = round(layer * (n_t - 1) / max(1, n_s - 1))
         with capture_qkv(model, layer) as student, capture_qkv(rt, t_layer) as teacher:
