@@ -191,32 +191,36 @@ def test_identical_distributions_give_zero(data):
 
 
 def test_relation_kl_against_explicit_reference():
-    """MiniLMv2 relations on a packed row: each row's softmax over what it may see (causal, own example, no padding),
-    widths 6 (student) and 10 (teacher) re-split into 2 relation heads; KL row by row in float64."""
+    """MiniLMv2 relations on packed rows: each position's softmax over the earlier positions of its own example (no
+    padding), widths 6 (student) and 10 (teacher) re-split into 2 relation heads; KL position by position in
+    float64, whatever the grouping of examples by length."""
     from alambic.train import data as D
     from alambic.train.losses import relation_heads, relation_kl
 
     g = torch.Generator().manual_seed(0)
-    batch = {"attention_mask": torch.tensor([[1, 1, 1, 1, 1, 0]]), "position_ids": torch.tensor([[0, 1, 2, 0, 1, 0]])}
-    allowed = D.visible(batch)
-    assert allowed[0, 3].tolist() == [False, False, False, True, False, False]  # the 2nd example starts afresh
-    assert not allowed[0, 5].any()  # padding sees nothing
-    s = [torch.randn(1, 6, 6, generator=g, dtype=torch.float64) for _ in range(3)]
-    t = [torch.randn(1, 6, 10, generator=g, dtype=torch.float64) for _ in range(3)]
+    batch = {"attention_mask": torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0]]),
+             "position_ids": torch.tensor([[0, 1, 2, 0, 1, 5], [0, 1, 2, 3, 4, 5]])}
+    segments = D.segments(batch)
+    assert segments == [(0, 0, 3), (0, 3, 2), (1, 0, 4)]  # the 2nd example of row 0 starts afresh; padding: none
+    assert D.segments({"attention_mask": batch["attention_mask"]}) == [(0, 0, 5), (1, 0, 4)]  # unpacked rows
+    s = [torch.randn(2, 6, 6, generator=g, dtype=torch.float64) for _ in range(3)]
+    t = [torch.randn(2, 6, 10, generator=g, dtype=torch.float64) for _ in range(3)]
     assert relation_heads(6, 10, 5) == 2
     ref = 0.0
     for xs, xt in zip(s, t, strict=True):
         per = []
-        for h in range(2):
-            a, b = xs[0, :, h * 3:(h + 1) * 3], xt[0, :, h * 5:(h + 1) * 5]
-            for i in range(5):
-                seen = [j for j in range(6) if allowed[0, i, j]]
-                ps = torch.softmax(torch.stack([a[i] @ a[j] / 3 ** 0.5 for j in seen]), 0)
-                pt = torch.softmax(torch.stack([b[i] @ b[j] / 5 ** 0.5 for j in seen]), 0)
-                per.append(float((pt * (pt / ps).log()).sum()))
+        for r, start, n in segments:
+            for h in range(2):
+                a, b = xs[r, start:start + n, h * 3:(h + 1) * 3], xt[r, start:start + n, h * 5:(h + 1) * 5]
+                for i in range(n):
+                    ps = torch.softmax(torch.stack([a[i] @ a[j] / 3 ** 0.5 for j in range(i + 1)]), 0)
+                    pt = torch.softmax(torch.stack([b[i] @ b[j] / 5 ** 0.5 for j in range(i + 1)]), 0)
+                    per.append(float((pt * (pt / ps).log()).sum()))
         ref += sum(per) / len(per)
-    assert relation_kl(s, t, allowed, most_heads=5).item() == pytest.approx(ref, rel=1e-9)
+    for group in (1, 2, 8):  # one example per group, the two short ones padded together, all in one
+        assert relation_kl(s, t, segments, most_heads=5, group=group).item() == pytest.approx(ref, rel=1e-9)
     x = [v.clone().requires_grad_(True) for v in s]
-    relation_kl(x, t, allowed, most_heads=5).backward()
+    relation_kl(x, t, segments, most_heads=5, group=8).backward()
     assert all(torch.isfinite(v.grad).all() and v.grad[0, 5].abs().sum() == 0 for v in x)  # padding: no gradient
-    assert relation_kl(t, t, allowed, most_heads=5).item() == pytest.approx(0, abs=1e-12)
+    assert all(v.grad[1, 4:].abs().sum() == 0 and v.grad[1, :4].abs().sum() > 0 for v in x)
+    assert relation_kl(t, t, segments, most_heads=5).item() == pytest.approx(0, abs=1e-12)

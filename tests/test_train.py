@@ -132,6 +132,23 @@ def test_reverse_kl_on_local_teacher_logits(interactions, tiny_model_dir, tmp_pa
     assert last < first and m["signal"] == "logits"
 
 
+def test_capture_qkv_stops_the_pass_at_its_layer(tiny_model_dir):
+    """A teacher that gives only relations stops after the layer's projections: the same Q/K/V, no output head."""
+    from alambic.train.trainer import capture_qkv
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    heads = []
+    model.lm_head.register_forward_hook(lambda *_: heads.append(1))
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    with torch.no_grad(), capture_qkv(model, 0) as full:
+        model(input_ids=ids, use_cache=False)
+    assert len(heads) == 1
+    with torch.no_grad(), capture_qkv(model, 0, stop=True) as early:
+        model(input_ids=ids, use_cache=False)
+    assert len(heads) == 1 and len(early) == 3  # the head did not run again
+    assert all(torch.equal(a, b) for a, b in zip(full, early, strict=True))
+
+
 def test_relation_loss_on_a_pruned_student(interactions, tiny_model_dir, tmp_path):
     """--relation-weight: a pruned student (narrower than its teacher) learns the teacher's attention relations
     beside its logits, on packed rows; without a local teacher it is a clear error."""
@@ -148,13 +165,16 @@ def test_relation_loss_on_a_pruned_student(interactions, tiny_model_dir, tmp_pat
     assert losses[1.0][0] > losses[0.0][0]  # the relation term is in the training loss
     assert losses[1.0][-1] < losses[1.0][0]
     # stored top-k for the logits, the teacher run only for its relations, on the first 10 of 20 steps
-    for name, extra in (("topk", {}), ("topk_rel", dict(relation_teacher=str(tiny_model_dir), relation_weight=1.0,
-                                                        relation_steps=10))):
+    rel = dict(relation_teacher=str(tiny_model_dir), relation_weight=1.0, relation_steps=10)
+    for name, extra in (("topk", {}), ("topk_rel", rel | dict(relation_dtype="bfloat16")),
+                        ("topk_rel_f32", rel | dict(relation_dtype="float32"))):
         out = tmp_path / name
         m = run(config(interactions, out, tiny_model_dir, **kw, **extra))
         losses[name] = [p["loss"] for p in curve(out) if "loss" in p]
         assert m["signal"] == "topk"
     assert losses["topk_rel"][0] > losses["topk"][0]
+    # that teacher's pass in bfloat16 (the default where the device has it) gives the same relation targets to within bfloat16's precision
+    assert losses["topk_rel"][0] == pytest.approx(losses["topk_rel_f32"][0], rel=1e-2)
 
 
 def test_on_policy_with_http_and_local_teacher(interactions, tiny_model_dir, tiny_server, tmp_path):

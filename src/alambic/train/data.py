@@ -288,16 +288,16 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | boo
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
 
 
-def visible(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(B, T, T) bool: which positions each position's attention sees (causal, within its own packed example, no
-    padding), as the model's mask does."""
-    valid = batch["attention_mask"].bool()
-    T = valid.shape[1]
-    seen = torch.ones(T, T, dtype=torch.bool, device=valid.device).tril() & valid[:, :, None] & valid[:, None, :]
-    if "position_ids" in batch:
-        example = (batch["position_ids"] == 0).cumsum(-1)  # (B, T): which example of the row each position is
-        seen &= example[:, :, None] == example[:, None, :]
-    return seen
+def segments(batch: dict[str, torch.Tensor]) -> list[tuple[int, int, int]]:
+    """The examples of a batch as (row, start, length): one per row, or one per example of a packed row (where
+    its position ids restart at 0); padding (at each row's end) belongs to none."""
+    lengths = batch["attention_mask"].sum(-1).tolist()
+    starts = (batch["position_ids"] == 0) if "position_ids" in batch else None
+    out = []
+    for r, n in enumerate(lengths):
+        at = [0] if starts is None else starts[r, :n].nonzero().flatten().tolist()
+        out += [(r, a, b - a) for a, b in zip(at, at[1:] + [n], strict=True)]
+    return out
 
 
 @torch.no_grad()

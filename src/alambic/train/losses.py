@@ -189,28 +189,46 @@ def relation_heads(width_s: int, width_t: int, most: int) -> int:
 
 
 def _relations(x: Tensor, n: int, allowed: Tensor) -> Tensor:
-    """Log-softmax relation of (B, T, D) vectors split into n heads: (B, n, T, T), -inf where not `allowed`."""
-    B, T, D = x.shape
-    h = _upcast(x).view(B, T, n, D // n).transpose(1, 2)  # (B, n, T, d)
+    """Log-softmax relation of (G, L, D) vectors split into n heads: (G, n, L, L), -inf where not `allowed`."""
+    G, L, D = x.shape
+    h = _upcast(x).view(G, L, n, D // n).transpose(1, 2)  # (G, n, L, d)
     scores = h @ h.transpose(-1, -2) / math.sqrt(D // n)
     return F.log_softmax(scores.masked_fill(~allowed[:, None], float("-inf")), dim=-1)
 
 
-def relation_kl(student: list[Tensor], teacher: list[Tensor], allowed: Tensor, most_heads: int) -> Tensor:
-    """MiniLMv2's self-attention relation loss (Wang et al., ACL Findings 2021): for each pair of projections (the
-    queries, keys and values of one layer, student and teacher), the KL(teacher || student) between their
-    scaled dot-product relations, row by row, over the positions each row may see (`allowed` (B, T, T) bool: the
-    causal mask of the row's own example). Widths may differ. Returns the sum over
-    the pairs of the mean over rows and relation heads."""
-    rows = allowed.any(-1)  # (B, T): padding rows see nothing and do not count
-    # ... but each gets its own position, so no softmax row is all -inf (its NaN would reach the gradient)
-    allowed = allowed | torch.eye(allowed.shape[-1], dtype=torch.bool, device=allowed.device)
+def relation_kl(student: list[Tensor], teacher: list[Tensor], segments: list[tuple[int, int, int]], most_heads: int,
+                group: int = 8) -> Tensor:
+    """MiniLMv2's self-attention relation loss (Wang et al., ACL Findings 2021): for each pair of (B, T, D)
+    projections (the queries, keys and values of one layer, student and teacher), the KL(teacher || student)
+    between their scaled dot-product relations, position by position, over the earlier positions of its own
+    example. `segments` are the examples as (row, start, length) (`data.segments`). Widths may differ. Returns the
+    sum over the pairs of the mean over positions and relation heads.
 
-    def pair(s: Tensor, t: Tensor) -> Tensor:
+    The relations are computed example by example, not over whole packed rows: examples sorted by length are
+    padded to the longest of each `group`, so a row of T tokens holding examples of lengths L_i costs about
+    sum L_i^2 instead of T^2 (the demo's rows of 320 hold about three examples: 0.66 s -> 0.2 s of a 0.92 s
+    step on a two-core AVX2 CPU)."""
+    by_length = sorted(segments, key=lambda s: s[2])
+    batches = [by_length[i : i + group] for i in range(0, len(by_length), group)]
+    positions = sum(length for *_, length in segments)
+    T = student[0].shape[1]
+    index, masks, valids = [], [], []
+    for chunk in batches:
+        L = chunk[-1][2]
+        at = torch.arange(L)
+        index.append(torch.stack([r * T + a + at.clamp(max=n - 1) for r, a, n in chunk]))  # (G, L) into B*T
+        valid = torch.stack([at < n for *_, n in chunk])  # (G, L)
+        valids.append(valid)
+        # causal within the example; a padding position sees itself only, so no softmax row is all -inf
+        masks.append((torch.ones(L, L, dtype=torch.bool).tril() & valid[:, None, :]) | torch.eye(L, dtype=torch.bool))
+    total = student[0].new_zeros((), dtype=torch.float64 if student[0].dtype == torch.float64 else torch.float32)
+    for s, t in zip(student, teacher, strict=True):
         n = relation_heads(s.shape[-1], t.shape[-1], most_heads)
-        log_s, log_t = _relations(s, n, allowed), _relations(t.detach(), n, allowed)
-        p_t = log_t.exp()
-        kl = torch.where(allowed[:, None], p_t * (log_t - log_s), torch.zeros_like(p_t)).sum(-1)  # (B, n, T)
-        return masked_mean(kl.mean(1), rows)
-
-    return sum(pair(s, t) for s, t in zip(student, teacher, strict=True))
+        flat_s, flat_t = s.reshape(-1, s.shape[-1]), t.detach().reshape(-1, t.shape[-1])
+        for idx, allowed, valid in zip(index, masks, valids, strict=True):
+            idx, allowed, valid = idx.to(s.device), allowed.to(s.device), valid.to(s.device)
+            log_s, log_t = _relations(flat_s[idx], n, allowed), _relations(flat_t[idx], n, allowed)
+            p_t = log_t.exp()
+            kl = torch.where(allowed[:, None], p_t * (log_t - log_s), torch.zeros_like(p_t)).sum(-1)  # (G, n, L)
+            total = total + (kl.mean(1) * valid).sum()
+    return total / max(positions, 1)

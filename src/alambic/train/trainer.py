@@ -98,6 +98,10 @@ class TrainConfig(Config):
     relation_steps: int = Field(0, ge=0, description="the relation loss on the first N steps only (0: on every step)")
     relation_layer: int = Field(-1, description="student layer whose relations are distilled (-1: the last), matched "
                                 "to the teacher's layer at the same depth")
+    relation_dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto", description="precision of a teacher pass that gives only relations (its Q/K/V are targets, not "
+        "gradients; the relations themselves are float32): auto is bfloat16 autocast where the device computes it "
+        "natively (2.5x faster on a CPU with AMX, 10x slower emulated on one without), else float32")
     top_k: int = Field(0, ge=0, le=20, description="top-k logprobs used (0: all stored; 20 asked of an HTTP teacher)")
     on_policy_lambda: float = Field(0.5, ge=0, le=1, description="on_policy: fraction of steps on student samples")
     divergence: str = Field("jsd", description="on_policy: divergence (forward_kl, reverse_kl or jsd)")
@@ -155,16 +159,38 @@ class TrainConfig(Config):
         return self.divergence if self.loss == "on_policy" else self.loss
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bfloat16 matmuls in hardware (a CPU without AVX512-BF16/AMX emulates them)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
+    return False
+
+
+class _Captured(Exception):
+    """Raised by `capture_qkv(stop=True)` once the layer's projections are out: the rest of the pass is not needed."""
+
+
 @contextlib.contextmanager
-def capture_qkv(model, layer: int):
-    """[queries, keys, values]: the outputs of one decoder layer's q/k/v projections in the forward pass run inside."""
+def capture_qkv(model, layer: int, stop: bool = False):
+    """[queries, keys, values]: the outputs of one decoder layer's q/k/v projections in the forward pass run inside.
+    With `stop`, the forward pass ends there (it raises `_Captured`, which this context swallows): a teacher that
+    gives only its relations skips the layers above and its output head."""
     attn = decoder_layers(model)[layer].self_attn
     got: dict[str, torch.Tensor] = {}
-    hooks = [getattr(attn, f"{p}_proj").register_forward_hook(lambda _m, _a, y, p=p: got.__setitem__(p, y))
-             for p in "qkv"]
+
+    def keep(p: str, y: torch.Tensor) -> None:
+        got[p] = y
+        if stop and len(got) == 3:
+            raise _Captured
+
+    hooks = [getattr(attn, f"{p}_proj").register_forward_hook(lambda _m, _a, y, p=p: keep(p, y)) for p in "qkv"]
     out: list[torch.Tensor] = []
     try:
         yield out
+    except _Captured:
+        pass
     finally:
         for h in hooks:
             h.remove()
@@ -243,9 +269,12 @@ class Signal:
         with capture_qkv(model, layer) as student, capture_qkv(rt, t_layer) as teacher:
             out = self.logit_loss(model, batch, name)  # runs the teacher too when it gives the logits
         if not teacher:  # the logits came from stored top-k (or another teacher): one pass for the relations
-            with torch.no_grad(), capture_qkv(rt, t_layer) as teacher:
+            device = next(rt.parameters()).device
+            bf16 = self.cfg.relation_dtype == "bfloat16" or (self.cfg.relation_dtype == "auto" and native_bf16(device))
+            half = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+            with torch.no_grad(), half, capture_qkv(rt, t_layer, stop=True) as teacher:
                 rt(**D.model_inputs(batch))
-        rel = relation_kl(student, teacher, D.visible(batch), rt.config.num_attention_heads)
+        rel = relation_kl(student, teacher, D.segments(batch), rt.config.num_attention_heads)
         return out + self.cfg.relation_weight * rel
 
     def logit_loss(self, model, batch: dict[str, torch.Tensor], name: str) -> torch.Tensor:
