@@ -173,7 +173,8 @@ def test_relation_loss_on_a_pruned_student(interactions, tiny_model_dir, tmp_pat
         losses[name] = [p["loss"] for p in curve(out) if "loss" in p]
         assert m["signal"] == "topk"
     assert losses["topk_rel"][0] > losses["topk"][0]
-    # that teacher's pass in bfloat16 (the default where the device has it) gives the same relation targets to within bfloat16's precision
+    # that teacher's pass in bfloat16 (the default where the device has it) gives the same relation targets, to
+    # within bfloat16's precision
     assert losses["topk_rel"][0] == pytest.approx(losses["topk_rel_f32"][0], rel=1e-2)
 
 
