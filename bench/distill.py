@@ -4,8 +4,10 @@ On the demo's collected data (top-5 logprobs of the shipped demo teacher, 1,000 
 about 1/2, 1/4 and 1/8 of the teacher's parameters, pruned from it Minitron-style (`--ratio`: hidden, heads and MLP
 width shrink together, every layer kept; Muralidharan et al., 2024), a depth-pruned student at 1/2 (2 of 4
 layers) beside them, and the from-scratch `preset:tiny` (0.115x: an outside distiller's start), each distilled with
-the demo's recipe (forward KL on the stored top-k, packed rows of 320 tokens) for the same wall-clock budget on
-this machine: a 20-step probe times each student, and its step count is budget / seconds per step. Each is then
+the demo's recipe (forward KL on the stored top-k with the spread tail, packed rows of 320 tokens; a pruned
+student's first 30% of steps also on the teacher's attention relations, `--relation-fraction`) for the same
+wall-clock budget on this machine: 20-step probes time each student (with and without the relations), and its step
+count is what fits the budget. Each is then
 evaluated beside the teacher on held-out prompts (`alambic evaluate`): retention (accuracy kept), agreement, token
 KL, tokens/s and latency ratios.
 
@@ -36,8 +38,11 @@ STUDENTS = {  # name -> (student spec, extra flags)
 }
 
 
-def train(data: Path, out: Path, spec: str, extra: list[str], steps: int, lr: float, threads: int) -> dict:
-    cmd = [sys.executable, "-m", "alambic.cli", "train", "--data", str(data), "--student", spec, *extra,
+def train(data: Path, out: Path, spec: str, extra: list[str], steps: int, lr: float, threads: int,
+          relation_steps: int = 0) -> dict:
+    rel = (["--relation-teacher", str(TEACHER), "--relation-weight", "1", "--relation-steps", str(relation_steps)]
+           if relation_steps else [])
+    cmd = [sys.executable, "-m", "alambic.cli", "train", "--data", str(data), "--student", spec, *extra, *rel,
            "--loss", "forward_kl", "--steps", str(steps), "--lr", str(lr), "--batch-size", "16", "--max-len", "320",
            "--packing", "--warmup", str(min(30, steps // 10)), "--eval-every", "0", "--heldout-n", "0",
            "--save-every", "0", "--threads", str(threads), "--out", str(out)]
@@ -52,6 +57,9 @@ def main() -> None:
     ap.add_argument("--budget", type=float, help="training seconds per student (default 240; quick 60)")
     ap.add_argument("--n", type=int, help="held-out prompts per skill (default 100; quick 20)")
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--relation-fraction", type=float, default=0.3,
+                    help="pruned students: the first fraction of the steps also on the teacher's attention relations "
+                         "(the demo's 300 of 1,000; 0: none)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-distill")
     args = ap.parse_args()
@@ -72,14 +80,20 @@ def main() -> None:
         t = time.time()
         probe = train(data, args.work / f"{name}-probe", spec, extra, 20, args.lr, args.threads)
         per_step = probe["loop_s"] / 20
+        fraction = args.relation_fraction if spec.startswith("prune:") else 0.0  # relations need the teacher's weights
+        if fraction:  # a relation step costs more: time one too, and split the budget as the steps will be
+            with_rel = train(data, args.work / f"{name}-probe-rel", spec, extra, 20, args.lr, args.threads, 20)
+            per_step = fraction * with_rel["loop_s"] / 20 + (1 - fraction) * per_step
         steps = max(20, int(budget / per_step))
-        m = train(data, args.work / name, spec, extra, steps, args.lr, args.threads)
+        relation_steps = round(fraction * steps)
+        m = train(data, args.work / name, spec, extra, steps, args.lr, args.threads, relation_steps)
         ev = evaluate.run(evaluate.EvaluateConfig(student=str(args.work / name), teacher=str(TEACHER), n=n,
                                                   out=str(args.work / name / "evaluate")))
         r = ev["ratios"]
         rows.append({
             "student": name, "made": m["student"], "parameters": m["student"]["parameters"],
-            "parameters_ratio": r["parameters"], "steps": steps, "train_s": m["loop_s"],
+            "parameters_ratio": r["parameters"], "steps": steps, "relation_steps": relation_steps,
+            "train_s": m["loop_s"],
             "tokens_per_s_train": m["tokens_per_s"],
             "teacher_mean": ev["teacher"]["accuracy"]["mean"]["accuracy"],
             "student_mean": ev["student"]["accuracy"]["mean"]["accuracy"],
@@ -88,6 +102,7 @@ def main() -> None:
             "token_kl": ev["fidelity"]["token_kl"], "speedup_tokens_per_s": r["speedup_tokens_per_s"],
             "latency_ratio": r["latency"], "wall_s": round(time.time() - t, 1)})
     result = {"bench": "distill", "quick": args.quick, "budget_s": budget, "n_per_skill": n, "lr": args.lr,
+              "relation_fraction": args.relation_fraction,
               "threads": args.threads, "data": str(data), "students": rows}
     plot(rows, RESULTS / ("distill_quick.png" if args.quick else "distill.png"))
     publish("distill_quick" if args.quick else "distill", result)
