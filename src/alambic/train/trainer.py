@@ -255,6 +255,8 @@ class Signal:
 
     def __init__(self, cfg: TrainConfig, teacher, scorer: HttpScorer | None, relation_teacher=None) -> None:
         self.cfg, self.teacher, self.scorer, self.relation_teacher = cfg, teacher, scorer, relation_teacher
+        self.relation_bf16 = relation_teacher is not None and (cfg.relation_dtype == "bfloat16" or (
+            cfg.relation_dtype == "auto" and native_bf16(next(relation_teacher.parameters()).device)))
 
     def loss(self, model, batch: dict[str, torch.Tensor], name: str, relations: bool = False) -> torch.Tensor:
         """Mean loss `name` over the completion tokens of `batch`; only those positions reach the loss functions.
@@ -269,9 +271,7 @@ class Signal:
         with capture_qkv(model, layer) as student, capture_qkv(rt, t_layer) as teacher:
             out = self.logit_loss(model, batch, name)  # runs the teacher too when it gives the logits
         if not teacher:  # the logits came from stored top-k (or another teacher): one pass for the relations
-            device = next(rt.parameters()).device
-            bf16 = self.cfg.relation_dtype == "bfloat16" or (self.cfg.relation_dtype == "auto" and native_bf16(device))
-            half = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+            half = torch.autocast(next(rt.parameters()).device.type, dtype=torch.bfloat16, enabled=self.relation_bf16)
             with torch.no_grad(), half, capture_qkv(rt, t_layer, stop=True) as teacher:
                 rt(**D.model_inputs(batch))
         rel = relation_kl(student, teacher, D.segments(batch), rt.config.num_attention_heads)
